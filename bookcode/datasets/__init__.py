@@ -1,0 +1,17 @@
+"""Real datasets as :class:`~bookcode.episodes.ClassDataset` objects, and task
+families for regression."""
+
+from ._files import ENV_VAR, CorruptDownloadError, DatasetNotFoundError, download_and_extract
+from .att_faces import att_faces
+from .omniglot import omniglot
+from .spoken_digits import spoken_digits
+
+__all__ = [
+    "ENV_VAR",
+    "CorruptDownloadError",
+    "DatasetNotFoundError",
+    "att_faces",
+    "download_and_extract",
+    "omniglot",
+    "spoken_digits",
+]

@@ -1,0 +1,331 @@
+"""Examples grouped by class, and N-way K-shot episodes drawn from them.
+
+An episode (Vinyals et al. 2016, "Matching Networks for One Shot Learning")
+is a small classification problem: ``ways`` classes drawn from a dataset,
+``shots`` labelled support examples per class and ``queries`` query examples
+per class to classify. Labels are remapped to ``0 .. ways-1`` in every episode,
+so a learner can never memorise a class by its global index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ClassDataset:
+    """Examples ``x`` with integer class labels ``y`` and a name per class.
+
+    ``metadata`` holds extra per-example arrays (for example speaker and take
+    of a spoken digit) that :meth:`where` can filter on.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.y = np.asarray(self.y, dtype=np.int64)
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)} labels")
+        if len(self.y) and (self.y.min() < 0 or self.y.max() >= len(self.class_names)):
+            raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
+        order = np.argsort(self.y, kind="stable")
+        counts = np.bincount(self.y, minlength=len(self.class_names))
+        self._indices = np.split(order, np.cumsum(counts)[:-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def examples_per_class(self) -> np.ndarray:
+        """Number of examples of each class, shape (num_classes,)."""
+        return np.array([len(i) for i in self._indices])
+
+    def indices_of(self, label: int) -> np.ndarray:
+        """Positions in ``x`` of the examples of class ``label``."""
+        return self._indices[label]
+
+    def where(self, mask) -> "ClassDataset":
+        """The examples where ``mask`` is true; classes left empty are dropped
+        and the remaining ones renumbered ``0..``."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self.y.shape:
+            raise ValueError(f"mask must have shape {self.y.shape}, got {mask.shape}")
+        kept = np.unique(self.y[mask])
+        remap = np.full(self.num_classes, -1)
+        remap[kept] = np.arange(len(kept))
+        return ClassDataset(
+            x=self.x[mask],
+            y=remap[self.y[mask]],
+            class_names=[self.class_names[i] for i in kept],
+            metadata={k: v[mask] for k, v in self.metadata.items()},
+        )
+
+    def classes(self, labels) -> "ClassDataset":
+        """The sub-dataset of the given class labels (renumbered in that order)."""
+        labels = np.asarray(labels)
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad):
+            raise ValueError(f"unknown class labels {bad.tolist()}; there are {self.num_classes}")
+        picked = np.concatenate([self._indices[c] for c in labels])
+        remap = np.full(self.num_classes, -1)
+        remap[labels] = np.arange(len(labels))
+        return ClassDataset(
+            x=self.x[picked],
+            y=remap[self.y[picked]],
+            class_names=[self.class_names[i] for i in labels],
+            metadata={k: v[picked] for k, v in self.metadata.items()},
+        )
+
+    def __repr__(self):
+        counts = self.examples_per_class()
+        lo, hi = (counts.min(), counts.max()) if len(counts) else (0, 0)
+        per = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return (
+            f"ClassDataset({self.num_classes} classes x {per} examples, "
+            f"example shape {self.example_shape}, dtype {self.x.dtype})"
+        )
+
+
+@dataclass
+class Episode:
+    """One few-shot task. Labels are in ``0..ways-1``.
+
+    Shapes: ``support_x`` (ways*shots, ...), ``support_y`` (ways*shots,),
+    ``query_x`` (ways*queries, ...), ``query_y`` (ways*queries,). A meta-batch
+    of episodes has one more leading axis on every array. ``unlabeled_x``
+    holds the unlabelled examples of semi-supervised episodes (Ren et al.
+    2018), and ``unlabeled_y`` their true labels (``-1`` for distractors),
+    kept for analysis only.
+    """
+
+    support_x: np.ndarray
+    support_y: np.ndarray
+    query_x: np.ndarray
+    query_y: np.ndarray
+    classes: np.ndarray
+    unlabeled_x: np.ndarray | None = None
+    unlabeled_y: np.ndarray | None = None
+
+    @property
+    def ways(self) -> int:
+        return int(self.classes.shape[-1])
+
+    def inputs(self):
+        """``(support_x, support_y, query_x)``: the arguments of ``predict_episode``."""
+        return self.support_x, self.support_y, self.query_x
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot episodes from a :class:`ClassDataset`.
+
+    Classes are drawn without replacement within an episode, and examples
+    without replacement within a class, so support and query never share an
+    example. The same ``seed`` gives the same sequence of episodes.
+
+    ``unlabeled`` adds that many unlabelled examples per episode class, and
+    ``distractors`` adds that many further classes whose ``unlabeled`` examples
+    are unlabelled too (semi-supervised episodes, Ren et al. 2018).
+
+    >>> sampler = EpisodeSampler(dataset, ways=5, shots=1, queries=15, seed=0)
+    >>> episode = sampler.sample()
+    """
+
+    def __init__(
+        self,
+        dataset: ClassDataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int | None = None,
+        unlabeled: int = 0,
+        distractors: int = 0,
+    ):
+        _check_positive(ways=ways, shots=shots, queries=queries)
+        if unlabeled < 0 or distractors < 0:
+            raise ValueError("unlabeled and distractors must be zero or positive")
+        if distractors and not unlabeled:
+            raise ValueError("distractors need unlabeled > 0 (examples per distractor class)")
+        needed_classes = ways + distractors
+        if needed_classes > dataset.num_classes:
+            raise ValueError(
+                f"an episode needs {needed_classes} classes (ways={ways}, "
+                f"distractors={distractors}) but the dataset has only "
+                f"{dataset.num_classes}; lower ways or use a larger split"
+            )
+        per_class = shots + queries + unlabeled
+        counts = dataset.examples_per_class()
+        eligible = np.flatnonzero(counts >= per_class)
+        if len(eligible) < needed_classes:
+            raise ValueError(
+                f"each episode class needs shots + queries + unlabeled = {per_class} "
+                f"examples, but only {len(eligible)} of {dataset.num_classes} classes have "
+                f"that many (the smallest has {counts.min()}); lower shots or queries"
+            )
+        self.dataset = dataset
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.unlabeled, self.distractors = unlabeled, distractors
+        self.seed = seed
+        self._eligible = eligible
+        self._rng = np.random.default_rng(seed)
+
+    def __repr__(self):
+        extra = f", unlabeled={self.unlabeled}, distractors={self.distractors}" * bool(
+            self.unlabeled
+        )
+        return (
+            f"EpisodeSampler({self.ways}-way {self.shots}-shot, {self.queries} queries "
+            f"per class{extra}, {len(self._eligible)} classes)"
+        )
+
+    def _draw(self, rng: np.random.Generator) -> Episode:
+        ds = self.dataset
+        picked = rng.choice(self._eligible, size=self.ways + self.distractors, replace=False)
+        classes, distractor_classes = picked[: self.ways], picked[self.ways :]
+        k, q, u = self.shots, self.queries, self.unlabeled
+        support, query, unlabeled, unlabeled_y = [], [], [], []
+        for label, c in enumerate(classes):
+            chosen = rng.choice(ds.indices_of(c), size=k + q + u, replace=False)
+            support.append(chosen[:k])
+            query.append(chosen[k : k + q])
+            unlabeled.append(chosen[k + q :])
+            unlabeled_y.append(np.full(u, label))
+        for c in distractor_classes:
+            unlabeled.append(rng.choice(ds.indices_of(c), size=u, replace=False))
+            unlabeled_y.append(np.full(u, -1))
+        episode = Episode(
+            support_x=ds.x[np.concatenate(support)],
+            support_y=np.repeat(np.arange(self.ways), k),
+            query_x=ds.x[np.concatenate(query)],
+            query_y=np.repeat(np.arange(self.ways), q),
+            classes=classes,
+        )
+        if u:
+            episode.unlabeled_x = ds.x[np.concatenate(unlabeled)]
+            episode.unlabeled_y = np.concatenate(unlabeled_y)
+        return episode
+
+    def sample(self) -> Episode:
+        """The next episode of this sampler's random stream."""
+        return self._draw(self._rng)
+
+    def sample_batch(self, batch_size: int) -> Episode:
+        """A meta-batch: ``batch_size`` episodes stacked on a new leading axis."""
+        _check_positive(batch_size=batch_size)
+        return stack([self.sample() for _ in range(batch_size)])
+
+    def fixed(self, num_episodes: int, seed: int = 1234) -> list[Episode]:
+        """A reproducible evaluation set: the same ``num_episodes`` episodes for
+        the same ``seed``, whatever was sampled before."""
+        _check_positive(num_episodes=num_episodes)
+        rng = np.random.default_rng(seed)
+        return [self._draw(rng) for _ in range(num_episodes)]
+
+    def tf_dataset(self, batch_size: int | None = None, prefetch: int = 2):
+        """An endless ``tf.data.Dataset`` for ``model.fit``.
+
+        Elements are ``((support_x, support_y, query_x), query_y)``, with a
+        leading meta-batch axis when ``batch_size`` is given. Use it with
+        ``steps_per_epoch``. Semi-supervised samplers add ``unlabeled_x`` as a
+        fourth input.
+        """
+        import tensorflow as tf
+
+        def generate():
+            while True:
+                e = self.sample() if batch_size is None else self.sample_batch(batch_size)
+                inputs = (e.support_x, e.support_y.astype(np.int32), e.query_x)
+                if self.unlabeled:
+                    inputs = inputs + (e.unlabeled_x,)
+                yield inputs, e.query_y.astype(np.int32)
+
+        lead = () if batch_size is None else (batch_size,)
+        x_spec = self.dataset.example_shape
+        x_dtype = tf.as_dtype(self.dataset.x.dtype)
+        n_s, n_q = self.ways * self.shots, self.ways * self.queries
+        n_u = (self.ways + self.distractors) * self.unlabeled
+        inputs = (
+            tf.TensorSpec(lead + (n_s,) + x_spec, x_dtype),
+            tf.TensorSpec(lead + (n_s,), tf.int32),
+            tf.TensorSpec(lead + (n_q,) + x_spec, x_dtype),
+        )
+        if self.unlabeled:
+            inputs = inputs + (tf.TensorSpec(lead + (n_u,) + x_spec, x_dtype),)
+        signature = (inputs, tf.TensorSpec(lead + (n_q,), tf.int32))
+        return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(
+            prefetch
+        )
+
+
+def stack(episodes: list[Episode]) -> Episode:
+    """Stack episodes of one shape into a meta-batch (new leading axis)."""
+
+    def join(name):
+        values = [getattr(e, name) for e in episodes]
+        return None if values[0] is None else np.stack(values)
+
+    return Episode(**{name: join(name) for name in Episode.__dataclass_fields__})
+
+
+class PairSampler:
+    """Balanced same/different pairs from a :class:`ClassDataset`.
+
+    Each draw is a 2-way 1-shot episode with one query per class from the
+    episode sampler: the first support example paired with the first query
+    (same class) and with the second query (different class). So the two
+    images of a pair are never the same example, and the pairs are exactly
+    half positive. Labels: 1 for same class, 0 for different.
+    """
+
+    def __init__(self, dataset: ClassDataset, seed: int | None = None):
+        self.episodes = EpisodeSampler(dataset, ways=2, shots=1, queries=1, seed=seed)
+
+    def _pairs(self, episodes):
+        left, right, same = [], [], []
+        for e in episodes:
+            anchor = e.support_x[0]
+            left += [anchor, anchor]
+            right += [e.query_x[0], e.query_x[1]]
+            same += [1, 0]
+        return np.stack(left), np.stack(right), np.array(same, dtype=np.float32)
+
+    def sample(self, num_pairs: int):
+        """``(left, right, same)``: ``num_pairs`` pairs (even), half of them same-class."""
+        if num_pairs < 2 or num_pairs % 2:
+            raise ValueError(f"num_pairs must be a positive even number, got {num_pairs}")
+        return self._pairs(self.episodes.sample() for _ in range(num_pairs // 2))
+
+    def fixed(self, num_pairs: int, seed: int = 1234):
+        """A reproducible set of ``num_pairs`` pairs for evaluation."""
+        if num_pairs < 2 or num_pairs % 2:
+            raise ValueError(f"num_pairs must be a positive even number, got {num_pairs}")
+        return self._pairs(self.episodes.fixed(num_pairs // 2, seed=seed))
+
+    def tf_dataset(self, batch_size: int):
+        """An endless ``tf.data.Dataset`` of ``((left, right), same)`` batches for ``fit``."""
+        import tensorflow as tf
+
+        def generate():
+            while True:
+                left, right, same = self.sample(batch_size)
+                yield (left, right), same
+
+        shape = self.episodes.dataset.example_shape
+        dtype = tf.as_dtype(self.episodes.dataset.x.dtype)
+        spec = tf.TensorSpec((batch_size,) + shape, dtype)
+        signature = ((spec, spec), tf.TensorSpec((batch_size,), tf.float32))
+        return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
