@@ -195,29 +195,38 @@ class EpisodeSampler:
     def _draw(self, rng: np.random.Generator) -> Episode:
         ds = self.dataset
         picked = rng.choice(self._eligible, size=self.ways + self.distractors, replace=False)
-        classes, distractor_classes = picked[: self.ways], picked[self.ways :]
+        classes = picked[: self.ways]
         k, q, u = self.shots, self.queries, self.unlabeled
-        support, query, unlabeled, unlabeled_y = [], [], [], []
-        for label, c in enumerate(classes):
-            chosen = rng.choice(ds.indices_of(c), size=k + q + u, replace=False)
-            support.append(chosen[:k])
-            query.append(chosen[k : k + q])
-            unlabeled.append(chosen[k + q :])
-            unlabeled_y.append(np.full(u, label))
-        for c in distractor_classes:
-            unlabeled.append(rng.choice(ds.indices_of(c), size=u, replace=False))
-            unlabeled_y.append(np.full(u, -1))
+        # Examples without replacement within each class, all classes at once:
+        # random keys, padding positions sorted last, the first k+q+u kept.
+        table, counts = self._index_table
+        keys = rng.random((len(picked), table.shape[1]))
+        keys[np.arange(table.shape[1]) >= counts[picked][:, None]] = np.inf
+        chosen = np.take_along_axis(table[picked], np.argsort(keys, axis=1), axis=1)
+        ways = self.ways
         episode = Episode(
-            support_x=ds.x[np.concatenate(support)],
-            support_y=np.repeat(np.arange(self.ways), k),
-            query_x=ds.x[np.concatenate(query)],
-            query_y=np.repeat(np.arange(self.ways), q),
+            support_x=ds.x[chosen[:ways, :k].ravel()],
+            support_y=np.repeat(np.arange(ways), k),
+            query_x=ds.x[chosen[:ways, k : k + q].ravel()],
+            query_y=np.repeat(np.arange(ways), q),
             classes=classes,
         )
         if u:
-            episode.unlabeled_x = ds.x[np.concatenate(unlabeled)]
-            episode.unlabeled_y = np.concatenate(unlabeled_y)
+            episode.unlabeled_x = ds.x[chosen[:, k + q : k + q + u].ravel()]
+            labels = np.concatenate([np.arange(ways), np.full(self.distractors, -1)])
+            episode.unlabeled_y = np.repeat(labels, u)
         return episode
+
+    @property
+    def _index_table(self):
+        """(num_classes, max_count) positions of each class's examples, padded, and the counts."""
+        if not hasattr(self, "_table"):
+            counts = self.dataset.examples_per_class()
+            table = np.zeros((len(counts), counts.max()), np.int64)
+            for c, count in enumerate(counts):
+                table[c, :count] = self.dataset.indices_of(c)
+            self._table = table, counts
+        return self._table
 
     def sample(self) -> Episode:
         """The next episode of this sampler's random stream."""
