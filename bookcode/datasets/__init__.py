@@ -4,6 +4,7 @@ families for regression."""
 from ._files import ENV_VAR, CorruptDownloadError, DatasetNotFoundError, download_and_extract
 from .att_faces import att_faces
 from .omniglot import omniglot
+from .sinusoids import SineTask, Sinusoids
 from .spoken_digits import spoken_digits
 
 __all__ = [
@@ -13,5 +14,7 @@ __all__ = [
     "att_faces",
     "download_and_extract",
     "omniglot",
+    "SineTask",
+    "Sinusoids",
     "spoken_digits",
 ]

@@ -1,0 +1,227 @@
+"""Tests of the inner-loop engine and MAML, ADML, CAML (bookcode.meta)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bookcode import meta
+from bookcode.datasets import Sinusoids
+from bookcode.nets import conv4
+
+
+def tiny_net(dtype="float64", inputs=2, outputs=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((inputs,), dtype=dtype),
+            keras.layers.Dense(4, activation="tanh", dtype=dtype),
+            keras.layers.Dense(outputs, dtype=dtype),
+        ]
+    )
+
+
+def tiny_task(seed=0, ways=3, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    sx = rng.normal(size=(6, 2)).astype(dtype)
+    qx = rng.normal(size=(9, 2)).astype(dtype)
+    return sx, np.arange(6) % ways, qx, np.arange(9) % ways
+
+
+def meta_loss(model, params, task, lr, steps):
+    """Query loss after adaptation, written out by hand."""
+    sx, sy, qx, qy = (tf.constant(a) for a in task)
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = meta.task_loss("classification", sy, meta.forward(model, params, sx))
+        params = [p - lr * g for p, g in zip(params, tape.gradient(loss, params))]
+    return meta.task_loss("classification", qy, meta.forward(model, params, qx))
+
+
+def batched(task):
+    return [tf.constant(a[None]) for a in task]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_second_order_meta_gradient_matches_finite_differences(steps):
+    model = tiny_net()
+    maml = meta.MAML(model, inner_lr=0.5, inner_steps=steps)
+    task = tiny_task()
+    _, _, grads = maml.task_gradients(*batched(task))
+    analytic = np.concatenate([g.numpy()[0].ravel() for g in grads])
+
+    theta = [v.numpy() for v in model.trainable_variables]
+    shapes = [t.shape for t in theta]
+    flat = np.concatenate([t.ravel() for t in theta])
+
+    def loss_at(vector):
+        parts = np.split(vector, np.cumsum([np.prod(s) for s in shapes])[:-1])
+        params = [tf.constant(p.reshape(s)) for p, s in zip(parts, shapes)]
+        return float(meta_loss(model, params, task, 0.5, steps))
+
+    h = 1e-6
+    numeric = np.array(
+        [
+            (loss_at(flat + h * e) - loss_at(flat - h * e)) / (2 * h)
+            for e in np.eye(len(flat))
+        ]
+    )
+    rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
+    assert rel < 1e-3
+    # And the second-order terms matter: the first-order gradient differs.
+    fo = meta.MAML(model, inner_lr=0.5, inner_steps=steps, first_order=True)
+    _, _, fo_grads = fo.task_gradients(*batched(task))
+    first = np.concatenate([g.numpy()[0].ravel() for g in fo_grads])
+    assert np.linalg.norm(first - numeric) / np.linalg.norm(numeric) > 1e-3
+
+
+def test_first_order_gradient_is_query_gradient_at_adapted_weights():
+    model = tiny_net()
+    maml = meta.MAML(model, inner_lr=0.5, inner_steps=2, first_order=True)
+    task = tiny_task(1)
+    _, _, grads = maml.task_gradients(*batched(task))
+    sx, sy, qx, qy = (tf.constant(a) for a in task)
+    params = [v.value for v in model.trainable_variables]
+    for _ in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = meta.task_loss("classification", sy, meta.forward(model, params, sx))
+        params = [p - 0.5 * g for p, g in zip(params, tape.gradient(loss, params))]
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        loss = meta.task_loss("classification", qy, meta.forward(model, params, qx))
+    expected = tape.gradient(loss, params)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy()[0], e.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_adapt_is_plain_gradient_descent_and_records_history():
+    # One parameter w, loss (w - 3)^2, rate 0.25: w halves its distance to 3.
+    def loss_fn(params):
+        return tf.square(params[0] - 3.0)
+
+    fast, history = meta.adapt(loss_fn, [tf.constant(1.0)], 0.25, 3, metric_fn=loss_fn)
+    assert float(fast[0]) == pytest.approx(2.75)
+    np.testing.assert_allclose(history.numpy(), [4.0, 1.0, 0.25, 0.0625])
+    # One rate per parameter (Meta-SGD style).
+    fast, none = meta.adapt(loss_fn, [tf.constant(1.0)], [tf.constant(0.5)], 1)
+    assert float(fast[0]) == pytest.approx(3.0) and none is None
+
+
+def test_adapt_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="inner_steps"):
+        meta.adapt(lambda p: p[0], [tf.constant(1.0)], 0.1, -1)
+    with pytest.raises(ValueError, match="inner_lr has 2"):
+        meta.adapt(lambda p: p[0], [tf.constant(1.0)], [0.1, 0.2], 1)
+    with pytest.raises(ValueError, match="kind"):
+        meta.MAML(tiny_net(), kind="ranking")
+    with pytest.raises(ValueError, match="build the model"):
+        meta.MAML(keras.Sequential([keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="inner_lr"):
+        meta.MAML(tiny_net(), inner_lr=0.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        meta.ADML(tiny_net(), epsilon=0.0)
+    with pytest.raises(ValueError, match="context_dim"):
+        meta.CAML(tiny_net(), context_dim=0)
+
+
+def test_adaptation_leaves_variables_and_batch_norm_statistics_untouched():
+    model = conv4(filters=8, num_classes=3)
+    rng = np.random.default_rng(0)
+    before = [v.numpy().copy() for v in model.variables]
+    maml = meta.MAML(model, inner_lr=0.4, inner_steps=3)
+    sx = rng.uniform(size=(3, 28, 28, 1)).astype("float32")
+    qx = rng.uniform(size=(6, 28, 28, 1)).astype("float32")
+    logits = maml.predict_episode(sx, np.arange(3), qx)
+    assert logits.shape == (6, 3)
+    maml.task_gradients(*batched((sx, np.arange(3), qx, np.arange(6) % 3)))
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, v.numpy(), err_msg=v.path)
+    assert any("moving" in v.path for v in model.non_trainable_variables)
+
+
+def test_forward_uses_batch_statistics():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization()])
+    x = np.array([[1.0, 10.0], [3.0, 30.0]], np.float32)
+    out = meta.forward(model, [v.value for v in model.trainable_variables], x)
+    np.testing.assert_allclose(out.numpy(), [[-1, -1], [1, 1]], atol=1e-2)
+
+
+def test_adml_perturbation_is_nonzero_and_bounded():
+    model = conv4(filters=8, num_classes=3)
+    adml = meta.ADML(model, epsilon=0.05, inner_lr=0.4)
+    rng = np.random.default_rng(1)
+    sx = rng.uniform(0.2, 0.8, size=(3, 28, 28, 1)).astype("float32")
+    weights = [v.value for v in model.trainable_variables]
+    adv = adml.adversarial(weights, weights, tf.constant(sx), tf.constant(np.arange(3))).numpy()
+    delta = np.abs(adv - sx)
+    assert delta.max() <= 0.05 + 1e-6
+    assert (delta > 0.04).mean() > 0.5  # the pixel gradient is not zero
+    # The full objective runs and gives finite meta-gradients.
+    losses, _, grads = adml.task_gradients(*batched((sx, np.arange(3), sx, np.arange(3))))
+    assert np.isfinite(losses.numpy()).all()
+    assert all(np.isfinite(g.numpy()).all() for g in grads)
+    queries = meta.adversarial_queries(adml, sx, np.arange(3), sx, np.arange(3), 0.05)
+    assert 0 < np.abs(queries - sx).max() <= 0.05 + 1e-6
+
+
+def test_caml_adapts_only_the_context():
+    model = tiny_net(dtype="float32", inputs=1 + 2, outputs=1)
+    before = [v.numpy().copy() for v in model.variables]
+    caml = meta.CAML(model, context_dim=2, inner_lr=1.0, inner_steps=2, kind="regression")
+    task = Sinusoids(shots=5, queries=5, seed=0).sample()
+    weights = [v.value for v in model.trainable_variables]
+    (context,), history = caml.adapt_task(
+        weights, task.support_x, task.support_y, 2, False, track=(task.support_x, task.support_y)
+    )
+    assert context.shape == (2,) and np.abs(context.numpy()).sum() > 0
+    assert history.shape == (3, 2) and history[-1, 0] < history[0, 0]
+    assert caml.predict_episode(*task.inputs()).shape == (5, 1)
+    _, _, grads = caml.task_gradients(
+        *[tf.constant(a[None]) for a in (task.support_x, task.support_y, task.query_x, task.query_y)]
+    )
+    assert len(grads) == len(model.trainable_variables)
+    for b, v in zip(before, model.variables):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_sinusoids_follow_the_paper_ranges_and_seed():
+    tasks = Sinusoids(shots=10, queries=7, seed=3)
+    batch = tasks.sample_batch(500)
+    assert batch.support_x.shape == (500, 10, 1) and batch.query_y.shape == (500, 7, 1)
+    assert 0.1 <= batch.amplitude.min() and batch.amplitude.max() <= 5
+    assert 0 <= batch.phase.min() and batch.phase.max() <= np.pi
+    assert -5 <= batch.support_x.min() and batch.query_x.max() <= 5
+    np.testing.assert_allclose(
+        batch.support_y, batch.amplitude[:, None, None] * np.sin(batch.support_x - batch.phase[:, None, None]), rtol=1e-5, atol=1e-5
+    )
+    a, b = Sinusoids(seed=3).fixed(4), Sinusoids(seed=99).fixed(4)
+    np.testing.assert_array_equal(a[2].query_x, b[2].query_x)
+    with pytest.raises(ValueError, match="shots"):
+        Sinusoids(shots=0)
+    with pytest.raises(ValueError, match="x_range"):
+        Sinusoids(x_range=(5, -5))
+
+
+def test_maml_learns_sine_regression_quickly():
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential(
+        [keras.Input((1,)), keras.layers.Dense(40, activation="relu"),
+         keras.layers.Dense(40, activation="relu"), keras.layers.Dense(1)]
+    )
+    maml = meta.MAML(net, inner_lr=0.01, inner_steps=1, kind="regression")
+    maml.compile(keras.optimizers.Adam(5e-3))
+    tasks = Sinusoids(shots=10, queries=10, seed=0)
+    test = tasks.fixed(50, seed=7)
+
+    def mse_after(steps):
+        return np.mean([maml.adaptation_curve(*t.inputs(), t.query_y, steps)[-1, 1] for t in test])
+
+    before = mse_after(1)
+    history = maml.fit(tasks.tf_dataset(batch_size=25), steps_per_epoch=200, epochs=1, verbose=0)
+    assert "mse" in history.history
+    after = mse_after(1)
+    assert after < 0.5 * before, (before, after)
