@@ -1,2 +1,12 @@
 """Metric-based few-shot learners: they embed examples and classify a query
 by its distances to the support set (chapters 2-4)."""
+
+from .siamese import (  # noqa: E402
+    SiameseNetwork,
+    best_threshold,
+    contrastive_loss,
+    euclidean_distance,
+    roc_auc,
+    roc_curve,
+    verification_accuracy,
+)

@@ -1,0 +1,218 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bookcode.episodes import ClassDataset, EpisodeSampler, PairSampler
+from bookcode.evaluation import evaluate
+from bookcode.metric import (
+    SiameseNetwork,
+    best_threshold,
+    contrastive_loss,
+    euclidean_distance,
+    roc_auc,
+    roc_curve,
+    verification_accuracy,
+)
+
+
+def identity_embedding(dim=2):
+    return keras.Sequential([keras.Input((dim,)), keras.layers.Identity()])
+
+
+# --- the contrastive loss and its label convention ---------------------------------
+
+
+def test_contrastive_loss_hand_computed():
+    same = tf.constant([1.0, 1.0, 0.0, 0.0, 0.0])
+    distance = tf.constant([0.5, 2.0, 0.5, 1.5, 0.0])
+    # same: D^2 / 2; different: max(0, m - D)^2 / 2 with m = 1
+    expected = [0.125, 2.0, 0.125, 0.0, 0.5]
+    np.testing.assert_allclose(contrastive_loss(same, distance), expected, rtol=1e-6)
+    # margin 2: the different pair at 1.5 is now inside the margin
+    np.testing.assert_allclose(contrastive_loss([0.0], tf.constant([1.5]), margin=2.0), [0.125])
+
+
+def test_label_convention_same_is_one():
+    """same = 1 pulls together (loss grows with distance), same = 0 pushes apart."""
+    d = tf.Variable([0.3])
+    for same, sign in [(1.0, 1.0), (0.0, -1.0)]:
+        with tf.GradientTape() as tape:
+            loss = contrastive_loss(tf.constant([same]), d)
+        grad = tape.gradient(loss, d).numpy()[0]
+        assert np.sign(grad) == sign
+    # a pair of identical embeddings costs nothing if same, margin^2 / 2 if different
+    np.testing.assert_allclose(contrastive_loss([1.0, 0.0], tf.zeros(2), margin=3.0), [0, 4.5])
+    with pytest.raises(ValueError, match="margin"):
+        contrastive_loss([1.0], tf.ones(1), margin=0)
+
+
+def test_euclidean_distance():
+    a = tf.constant([[0.0, 0.0], [1.0, 1.0]])
+    b = tf.constant([[3.0, 4.0], [1.0, 1.0]])
+    np.testing.assert_allclose(euclidean_distance(a, b), [5.0, 0.0], atol=1e-4)
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        d = euclidean_distance(a, a)
+    assert np.isfinite(tape.gradient(d, a).numpy()).all()  # finite at zero distance
+
+
+# --- the network ------------------------------------------------------------------
+
+
+def test_contrastive_score_is_minus_distance_and_loss_matches():
+    model = SiameseNetwork(identity_embedding(), head="contrastive", margin=2.0)
+    left = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    right = np.array([[3.0, 4.0], [1.0, 0.5]], np.float32)
+    scores = model((left, right)).numpy()
+    np.testing.assert_allclose(scores, [-5.0, -0.5], atol=1e-4)
+    np.testing.assert_allclose(model.distance(left, right), [5.0, 0.5], atol=1e-4)
+    # pair 1 different (beyond the margin: 0), pair 2 same (0.5^2 / 2)
+    loss = model.pair_loss(tf.constant([0.0, 1.0]), tf.constant(scores))
+    np.testing.assert_allclose(loss, (0 + 0.125) / 2, atol=1e-4)
+    assert model.default_threshold() == -1.0
+
+
+def test_l1_head_is_weighted_l1_distance_then_sigmoid_bce():
+    model = SiameseNetwork(identity_embedding(), head="l1")
+    left = np.array([[0.0, 0.0], [1.0, 2.0]], np.float32)
+    right = np.array([[1.0, -2.0], [1.0, 2.0]], np.float32)
+    model((left, right))  # builds the head
+    model.similarity.set_weights(
+        [np.array([[-1.0], [-0.5]], np.float32), np.array([2.0], np.float32)]
+    )
+    scores = model((left, right)).numpy()
+    np.testing.assert_allclose(scores, [-1 * 1 - 0.5 * 2 + 2, 2.0], atol=1e-6)
+    loss = model.pair_loss(tf.constant([0.0, 1.0]), tf.constant(scores)).numpy()
+    expected = np.mean([-np.log(1 - 1 / (1 + np.exp(-0.0))), -np.log(1 / (1 + np.exp(-2.0)))])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert model.default_threshold() == 0.0
+
+
+def test_predict_episode_takes_the_nearest_support_example():
+    model = SiameseNetwork(identity_embedding())
+    support_x = np.array([[0, 0], [10, 0], [0, 10], [5, 5]], np.float32)
+    support_y = np.array([0, 1, 2, 1])  # two examples of class 1, in any order
+    query_x = np.array([[1, 0], [4, 4], [0, 8]], np.float32)
+    logits = model.predict_episode(support_x, support_y, query_x)
+    distances = np.linalg.norm(query_x[:, None] - support_x[None], axis=-1)
+    expected = np.stack(
+        [-distances[:, 0], -np.minimum(distances[:, 1], distances[:, 3]), -distances[:, 2]], 1
+    )
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_array_equal(logits.argmax(1), [0, 1, 2])
+    with pytest.raises(ValueError, match="support_y"):
+        model.predict_episode(support_x, support_y[:3], query_x)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="head"):
+        SiameseNetwork(identity_embedding(), head="cosine")
+    with pytest.raises(ValueError, match="margin"):
+        SiameseNetwork(identity_embedding(), margin=-1.0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = SiameseNetwork(identity_embedding(), head="l1", margin=0.5)
+    x = np.ones((2, 2), np.float32)
+    before = model((x, 2 * x)).numpy()
+    path = os.path.join(tmp_path, "siamese.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.head == "l1" and loaded.margin == 0.5
+    np.testing.assert_allclose(loaded((x, 2 * x)), before, rtol=1e-6)
+
+
+# --- the pair sampler ---------------------------------------------------------------
+
+
+def toy_dataset(num_classes=6, per_class=5):
+    y = np.repeat(np.arange(num_classes), per_class)
+    x = np.stack([y, np.tile(np.arange(per_class), num_classes)], 1).astype(np.float32)
+    return ClassDataset(x=x, y=y, class_names=[str(c) for c in range(num_classes)])
+
+
+def test_pair_sampler_balanced_no_identical_pair_and_seeded():
+    left, right, same = PairSampler(toy_dataset(), seed=0).sample(400)
+    assert left.shape == right.shape == (400, 2) and same.dtype == np.float32
+    assert same.mean() == 0.5
+    np.testing.assert_array_equal(same, left[:, 0] == right[:, 0])  # label = same class
+    assert not np.any(np.all(left == right, axis=1))  # never an example with itself
+    again = PairSampler(toy_dataset(), seed=0).sample(400)
+    np.testing.assert_array_equal(again[0], left)
+    np.testing.assert_array_equal(again[1], right)
+    other = PairSampler(toy_dataset(), seed=1).sample(400)
+    assert not np.array_equal(other[1], right)
+    (l_batch, _r_batch), s_batch = next(iter(PairSampler(toy_dataset(), seed=0).tf_dataset(8)))
+    assert l_batch.shape == (8, 2) and s_batch.shape == (8,)
+
+
+# --- verification metrics -------------------------------------------------------------
+
+
+def test_roc_curve_and_auc_hand_computed():
+    same = [1, 0, 1, 0]
+    scores = [0.9, 0.8, 0.3, 0.1]
+    fpr, tpr, thresholds = roc_curve(same, scores)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(thresholds, [np.inf, 0.9, 0.8, 0.3, 0.1])
+    assert roc_auc(same, scores) == pytest.approx(0.75)  # 3 of 4 (same, different) pairs ordered
+    assert roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert roc_auc([0, 1], [0.0, 1.0]) == 1.0
+
+
+def test_best_threshold_and_accuracy_count_every_pair():
+    same = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.0])
+    threshold, accuracy = best_threshold(same, scores)
+    assert threshold == pytest.approx(0.8) and accuracy == pytest.approx(5 / 6)
+    assert verification_accuracy(same, scores, threshold) == pytest.approx(5 / 6)
+    # calling everything "same" is right on the same pairs only: accuracy 1/2, not precision
+    assert verification_accuracy(same, scores, -1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="both"):
+        roc_auc([1, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="labels"):
+        roc_curve([1, 0, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="only 0"):
+        verification_accuracy([2, 0], [0.2, 0.3], 0.0)
+
+
+# --- learning on real data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["contrastive", "l1"])
+def test_learns_to_verify_unseen_omniglot_characters(head):
+    from bookcode.datasets import omniglot
+
+    keras.utils.set_random_seed(0)
+    data = omniglot("background", image_size=14)
+    train = data.classes(np.arange(300))
+    test = data.classes(np.arange(600, 700))
+    embedding = keras.Sequential(
+        [
+            keras.Input((14, 14, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32),
+            keras.layers.UnitNormalization(),
+        ]
+    )
+    model = SiameseNetwork(embedding, head=head)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    left, right, same = PairSampler(test).fixed(400)
+    auc_before = roc_auc(same, model((left, right)).numpy())
+    history = model.fit(
+        PairSampler(train, seed=0).tf_dataset(64), steps_per_epoch=300, epochs=1, verbose=0
+    )
+    auc_after = roc_auc(same, model((left, right)).numpy())
+    assert np.isfinite(history.history["loss"]).all()
+    assert auc_after > 0.75 and auc_after > auc_before + 0.15, (auc_before, auc_after)
+    episodes = EpisodeSampler(test, ways=5, shots=1, queries=3).fixed(40)
+    accuracy = evaluate(model, episodes).mean
+    print(head, auc_before, auc_after, accuracy)
+    assert accuracy > 0.45  # chance: 0.2
