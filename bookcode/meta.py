@@ -193,7 +193,7 @@ class GradientMetaLearner(keras.Model):
         self.inner_lr = inner_lr
         self.inner_steps = int(inner_steps)
         self.test_inner_steps = self.inner_steps if test_inner_steps is None else test_inner_steps
-        self.first_order = bool(first_order)
+        self._first_order = bool(first_order)
         self.kind = kind
         self.parallel_tasks = int(parallel_tasks)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -202,6 +202,17 @@ class GradientMetaLearner(keras.Model):
         )
         self._predict_fn = self._curve_fn = None
         self.built = True
+
+    @property
+    def first_order(self) -> bool:
+        """Whether meta-gradients stop at the inner gradients. Changing it
+        makes the next ``fit()`` retrace its training step."""
+        return self._first_order
+
+    @first_order.setter
+    def first_order(self, value: bool):
+        self._first_order = bool(value)
+        self.train_function = None
 
     # -- what subclasses change ---------------------------------------------
 

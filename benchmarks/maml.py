@@ -1,0 +1,105 @@
+"""Speed and memory of MAML meta-training steps (bookcode.meta).
+
+Workloads (random 28x28 inputs, Conv-4 with 64 filters, batch norm and
+max-pool, 5-way 1-shot, 15 queries per class), as in ANCHORS.md:
+
+  so-32x1   second order, meta-batch 32, 1 inner step
+  so-8x5    second order, meta-batch 8, 5 inner steps
+  fo-32x1   first order, meta-batch 32, 1 inner step
+
+Each workload runs in its own process (so peak memory is its own). We report
+tasks per second of wall time, tasks per second of CPU time (user + sys, a
+measure that is less sensitive to other jobs on a shared machine), the load
+average at the start, and the peak resident memory of the process.
+
+    BOOKCODE_DATA=... .venv/bin/python benchmarks/maml.py [--iterations 6] [--parallel-tasks 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "so-32x1": dict(first_order=False, batch=32, steps=1),
+    "so-8x5": dict(first_order=False, batch=8, steps=5),
+    "fo-32x1": dict(first_order=True, batch=32, steps=1),
+}
+
+
+def run_one(name: str, iterations: int, parallel_tasks: int, filters: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+
+    from bookcode import meta
+    from bookcode.nets import conv4
+
+    cfg = WORKLOADS[name]
+    keras.utils.set_random_seed(0)
+    ways, shots, queries, b = 5, 1, 15, cfg["batch"]
+    maml = meta.MAML(
+        conv4(filters=filters, num_classes=ways),
+        inner_lr=0.4,
+        inner_steps=cfg["steps"],
+        first_order=cfg["first_order"],
+        parallel_tasks=parallel_tasks,
+    )
+    maml.compile(keras.optimizers.Adam(1e-3))
+    rng = np.random.default_rng(0)
+    x = (
+        rng.uniform(size=(b, ways * shots, 28, 28, 1)).astype("float32"),
+        np.tile(np.repeat(np.arange(ways), shots), (b, 1)).astype("int32"),
+        rng.uniform(size=(b, ways * queries, 28, 28, 1)).astype("float32"),
+    )
+    y = np.tile(np.repeat(np.arange(ways), queries), (b, 1)).astype("int32")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    maml.train_on_batch(x, y)  # trace and first step
+    trace = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(iterations):
+        maml.train_on_batch(x, y)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return dict(
+        workload=name,
+        tasks_per_s_wall=round(iterations * b / wall, 1),
+        tasks_per_cpu_s=round(iterations * b / cpu, 1),
+        s_per_iteration=round(wall / iterations, 2),
+        first_call_s=round(trace, 1),
+        load_avg=round(load, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        rss_before_mb=round(rss_before / 1024),
+        parallel_tasks=parallel_tasks,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--parallel-tasks", type=int, default=4)
+    parser.add_argument("--filters", type=int, default=64)
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.iterations, args.parallel_tasks, args.filters)))
+        return
+    print(f"cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}")
+    for name in args.workloads:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),
+             "--parallel-tasks", str(args.parallel_tasks), "--filters", str(args.filters)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
