@@ -6,12 +6,53 @@ import keras
 from keras import layers
 
 
-def conv_block(filters: int, name: str | None = None) -> keras.Sequential:
+@keras.saving.register_keras_serializable(package="bookcode")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """``BatchNormalization`` computed by TensorFlow's fused kernel for 4-D
+    channels-last inputs: same variables and results, 2-3x faster training on
+    CPU (Keras 3 composes batch norm from separate ops). Other inputs fall back
+    to the Keras layer."""
+
+    def call(self, inputs, training=None, mask=None):
+        import tensorflow as tf
+
+        if mask is not None or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = self.gamma if self.scale else tf.ones((channels,))
+        offset = self.beta if self.center else tf.zeros((channels,))
+        scale, offset = tf.cast(scale, tf.float32), tf.cast(offset, tf.float32)
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, scale, offset, epsilon=self.epsilon, is_training=True
+            )[:3]
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+            variance = variance * (count - 1.0) / count  # the kernel returns the unbiased one
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1 - self.momentum)
+            )
+        else:
+            outputs = tf.compat.v1.nn.fused_batch_norm(
+                inputs, scale, offset, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
+                is_training=False,
+            )[0]  # fmt: skip
+        return tf.cast(outputs, self.compute_dtype)
+
+
+def conv_block(
+    filters: int,
+    name: str | None = None,
+    fused_batch_norm: bool = False,
+    batch_norm_momentum: float = 0.99,
+) -> keras.Sequential:
     """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling."""
+    norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
     return keras.Sequential(
         [
             layers.Conv2D(filters, 3, padding="same"),
-            layers.BatchNormalization(),
+            norm(momentum=batch_norm_momentum),
             layers.ReLU(),
             layers.MaxPooling2D(2),
         ],
@@ -24,16 +65,23 @@ def conv4(
     filters: int = 64,
     num_classes: int | None = None,
     name: str = "conv4",
+    fused_batch_norm: bool = False,
+    batch_norm_momentum: float = 0.99,
 ) -> keras.Sequential:
     """The Conv-4 backbone of few-shot learning (Vinyals et al. 2016; Snell et
     al. 2017; Finn et al. 2017): four blocks of [3x3 conv ``filters``, batch
     norm, ReLU, 2x2 max-pool], flattened. For 28x28 inputs the embedding has
     ``filters`` dimensions. With ``num_classes`` a dense head gives logits.
+    ``fused_batch_norm=True`` uses :class:`FusedBatchNormalization` (faster
+    on CPU); ``batch_norm_momentum=0.9`` matches PyTorch's default, whose
+    moving averages settle within a short training run.
     """
     model = keras.Sequential(name=name)
     model.add(keras.Input(shape=input_shape))
     for i in range(4):
-        model.add(conv_block(filters, name=f"block{i + 1}"))
+        model.add(
+            conv_block(filters, f"block{i + 1}", fused_batch_norm, batch_norm_momentum)
+        )
     model.add(layers.Flatten())
     if num_classes is not None:
         model.add(layers.Dense(num_classes, name="logits"))

@@ -10,3 +10,13 @@ from .siamese import (  # noqa: E402
     roc_curve,
     verification_accuracy,
 )
+
+from .prototypical import (
+    GaussianPrototypicalNetwork,
+    PrototypicalNetwork,
+    SemiSupervisedPrototypicalNetwork,
+    class_prototypes,
+    mahalanobis_distance,
+    soft_kmeans_refinement,
+    squared_euclidean_distance,
+)

@@ -1,0 +1,133 @@
+"""Prototypical network benchmarks (chapter 3).
+
+1. Training throughput: episodes per second for 5-way 5-shot episodes with 15
+   queries per class, Conv-4 on 28x28 Omniglot, fed by
+   ``EpisodeSampler.tf_dataset()`` through ``fit()``. Compared with the plain
+   PyTorch implementation measured on this machine (14.5 episodes/s, ANCHORS.md).
+2. Time to reach 95% 5-way 1-shot accuracy on 100 fixed validation episodes,
+   training as chapter 3 does (60-way 1-shot, 5 queries, Adam 1e-3).
+
+Usage::
+
+    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py [--skip-time-to-accuracy]
+
+Prints a Markdown section; paste it under ``## Prototypical networks`` in
+``benchmarks/RESULTS.md``. The machine is often shared: the load average is
+printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+
+import bookcode.notebook
+from bookcode import nets
+from bookcode.datasets import omniglot
+from bookcode.episodes import EpisodeSampler
+from bookcode.evaluation import evaluate
+from bookcode.metric import PrototypicalNetwork
+
+PYTORCH_EPISODES_PER_SECOND = 14.5
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def make_model(fast: bool) -> PrototypicalNetwork:
+    embedding = nets.conv4(fused_batch_norm=fast, batch_norm_momentum=0.9)
+    model = PrototypicalNetwork(embedding)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def throughput(train, fast: bool, episodes: int = 300, warmup: int = 20) -> tuple[float, float]:
+    """Training episodes per second (wall) and CPU seconds per episode."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if fast else "float32")
+    model = make_model(fast)
+    dataset = EpisodeSampler(train, ways=5, shots=5, queries=15, seed=0).tf_dataset()
+    model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.fit(dataset, steps_per_epoch=episodes, epochs=1, verbose=0)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    keras.mixed_precision.set_global_policy("float32")
+    return episodes / wall, cpu / episodes
+
+
+def time_to_accuracy(train, val, target=0.95, every=25, limit=2000):
+    """Wall and CPU seconds of training (evaluation excluded) until 5-way 1-shot
+    validation accuracy reaches ``target``, and the episodes it took."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(3)
+    model = make_model(fast=True)
+    dataset = EpisodeSampler(train, ways=60, shots=1, queries=5, seed=0).tf_dataset()
+    episodes = EpisodeSampler(val, 5, 1, 15).fixed(100, seed=1)
+    wall = cpu = 0.0
+    for seen in range(every, limit + 1, every):
+        w, c = time.perf_counter(), time.process_time()
+        model.fit(dataset, steps_per_epoch=every, epochs=1, verbose=0)
+        wall += time.perf_counter() - w
+        cpu += time.process_time() - c
+        accuracy = evaluate(model, episodes).mean
+        if accuracy >= target:
+            return wall, cpu, seen, accuracy
+    return wall, cpu, None, accuracy
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=300)
+    parser.add_argument("--skip-time-to-accuracy", action="store_true")
+    args = parser.parse_args()
+    bookcode.notebook.setup(seed=0)
+    train, val = omniglot("train"), omniglot("val")
+
+    print(f"load average before: {load_average()} ({os.cpu_count()} CPUs)")
+    rows = []
+    for fast, label in [(False, "Keras BatchNormalization, float32"),
+                        (True, "fused batch norm, mixed bfloat16")]:  # fmt: skip
+        rate, cpu = throughput(train, fast, args.episodes)
+        rows.append((label, rate, cpu))
+        print(f"{label}: {rate:.1f} episodes/s, {1000 * cpu:.0f} ms CPU per episode", flush=True)
+    print(f"load average after throughput: {load_average()}")
+    lines = [
+        (
+            "Training throughput, 5-way 5-shot, 15 queries per class, Conv-4, 28x28 Omniglot, "
+            f"`fit()` on `EpisodeSampler.tf_dataset()`, {args.episodes} episodes:"
+        ),
+        "",
+        "| configuration | episodes/s (wall) | CPU ms per episode | vs PyTorch 14.5/s |",
+        "|---|---|---|---|",
+    ]
+    for label, rate, cpu in rows:
+        lines.append(
+            f"| {label} | {rate:.1f} | {1000 * cpu:.0f} | {rate / PYTORCH_EPISODES_PER_SECOND:.2f}x |"
+        )
+    if not args.skip_time_to_accuracy:
+        wall, cpu, seen, accuracy = time_to_accuracy(train, val)
+        reached = f"after {seen} episodes" if seen else f"not reached (best {accuracy:.3f})"
+        lines += [
+            "",
+            (
+                "Time to reach 95% 5-way 1-shot accuracy on 100 fixed validation episodes "
+                "(60-way 1-shot training, 5 queries, Adam 1e-3, fused batch norm, mixed "
+                f"bfloat16, checked every 25 episodes): {reached}, {wall:.0f} s wall, "
+                f"{cpu:.0f} s CPU (training only)."
+            ),
+        ]
+    load = f"Load average during the run (1/5/15 min): {load_average()} on {os.cpu_count()} CPUs."
+    lines += ["", load]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

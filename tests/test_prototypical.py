@@ -1,0 +1,313 @@
+"""Prototypical networks (Snell et al. 2017) and the Gaussian (Fort 2017) and
+semi-supervised (Ren et al. 2018) variants."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bookcode import nets
+from bookcode.episodes import ClassDataset, EpisodeSampler
+from bookcode.evaluation import evaluate
+from bookcode.metric import (
+    GaussianPrototypicalNetwork,
+    PrototypicalNetwork,
+    SemiSupervisedPrototypicalNetwork,
+    class_prototypes,
+    mahalanobis_distance,
+    soft_kmeans_refinement,
+    squared_euclidean_distance,
+)
+
+
+def identity_embedding(dim):
+    """An embedding that returns its (dim,) input unchanged, so the maths can be
+    checked by hand."""
+    return keras.Sequential([keras.Input((dim,)), keras.layers.Flatten()])
+
+
+# ------------------------------------------------------------- the functions
+
+
+def test_class_prototypes_hand_computed():
+    embeddings = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0], [5.0, 5.0]], np.float32)
+    labels = np.array([0, 0, 1, 0])
+    expected = [[7 / 3, 5 / 3], [1.0, 3.0]]
+    np.testing.assert_allclose(class_prototypes(embeddings, labels), expected, rtol=1e-6)
+
+
+def test_class_prototypes_weighted_per_dimension():
+    embeddings = np.array([[0.0, 0.0], [4.0, 4.0]], np.float32)
+    weights = np.array([[1.0, 3.0], [3.0, 1.0]], np.float32)
+    np.testing.assert_allclose(
+        class_prototypes(embeddings, np.array([0, 0]), weights=weights), [[3.0, 1.0]]
+    )
+
+
+def test_class_prototypes_rejects_missing_class():
+    with pytest.raises(ValueError, match="at least one support example"):
+        class_prototypes(np.ones((2, 3), np.float32), np.array([0, 2]))
+
+
+def test_squared_euclidean_distance_hand_computed():
+    a = np.array([[0.0, 0.0], [1.0, 1.0]], np.float32)
+    b = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]], np.float32)
+    expected = [[25.0, 1.0, 0.0], [13.0, 1.0, 2.0]]
+    np.testing.assert_allclose(squared_euclidean_distance(a, b), expected, atol=1e-5)
+
+
+def test_mahalanobis_distance_hand_computed():
+    queries = np.array([[1.0, 2.0]], np.float32)
+    prototypes = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    precisions = np.array([[2.0, 1.0], [1.0, 0.5]], np.float32)
+    # 2*1 + 1*4 = 6 ; 1*0 + 0.5*4 = 2
+    np.testing.assert_allclose(mahalanobis_distance(queries, prototypes, precisions), [[6.0, 2.0]])
+
+
+def test_soft_kmeans_refinement_hand_computed():
+    support = np.array([[0.0, 0.0], [10.0, 0.0]], np.float32)
+    labels = np.array([0, 1])
+    prototypes = class_prototypes(support, labels)
+    # One unlabelled example exactly on prototype 0: its assignment is
+    # softmax(-[0, 100]) = [1, e^-100] ~ [1, 0], so prototype 0 becomes the
+    # mean of (0, 0) and (0, 2) = (0, 1) and prototype 1 stays.
+    unlabeled = np.array([[0.0, 2.0]], np.float32)
+    refined = soft_kmeans_refinement(prototypes, support, labels, unlabeled)
+    d = np.array([4.0, 104.0])
+    z = np.exp(-d) / np.exp(-d).sum()
+    expected0 = (support[0] + z[0] * unlabeled[0]) / (1 + z[0])
+    expected1 = (support[1] + z[1] * unlabeled[0]) / (1 + z[1])
+    np.testing.assert_allclose(refined, [expected0, expected1], rtol=1e-5, atol=1e-6)
+
+
+def test_soft_kmeans_mask_removes_distractors():
+    support = np.array([[0.0, 0.0], [4.0, 0.0]], np.float32)
+    labels = np.array([0, 1])
+    prototypes = class_prototypes(support, labels)
+    relevant = np.array([[0.0, 1.0]], np.float32)
+    distractor = np.array([[2.0, 50.0]], np.float32)
+    unlabeled = np.concatenate([relevant, distractor])
+    mask = np.array([[1.0, 1.0], [0.0, 0.0]], np.float32)  # distractor masked out
+    with_mask = soft_kmeans_refinement(prototypes, support, labels, unlabeled, mask)
+    without_distractor = soft_kmeans_refinement(prototypes, support, labels, relevant)
+    np.testing.assert_allclose(with_mask, without_distractor, rtol=1e-6)
+    all_masked = soft_kmeans_refinement(prototypes, support, labels, unlabeled, 0 * mask)
+    np.testing.assert_allclose(all_masked, prototypes, rtol=1e-6)
+
+
+# ------------------------------------------------------- PrototypicalNetwork
+
+
+def test_logits_are_negative_squared_distances_to_prototypes():
+    model = PrototypicalNetwork(identity_embedding(2))
+    support_x = np.array([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0]], np.float32)
+    support_y = np.array([0, 0, 1])
+    query_x = np.array([[1.0, 1.0], [3.0, 0.0]], np.float32)
+    logits = model.predict_episode(support_x, support_y, query_x)
+    # prototypes (0, 1) and (4, 0)
+    np.testing.assert_allclose(logits, [[-1.0, -10.0], [-10.0, -1.0]], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_omniglot():
+    rng = np.random.default_rng(0)
+    x = rng.random((12 * 8, 28, 28, 1), dtype=np.float32)
+    return ClassDataset(x=x, y=np.repeat(np.arange(12), 8), class_names=[str(i) for i in range(12)])
+
+
+def test_shapes_any_ways_and_gradients(tiny_omniglot):
+    model = PrototypicalNetwork(nets.conv4(filters=8))
+    episode = EpisodeSampler(tiny_omniglot, ways=4, shots=2, queries=3, seed=0).sample()
+    assert model.predict_episode(*episode.inputs()).shape == (12, 4)
+    inputs = tuple(tf.constant(a) for a in episode.inputs())
+    with tf.GradientTape() as tape:
+        logits = model(inputs, training=True)
+        loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(episode.query_y, logits)
+        )
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert len(grads) == len(model.trainable_variables) > 0
+    assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
+    assert any(np.abs(g).sum() > 0 for g in grads)
+
+
+def test_train_with_more_ways_than_test(tiny_omniglot):
+    model = PrototypicalNetwork(nets.conv4(filters=8))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    train = EpisodeSampler(tiny_omniglot, ways=10, shots=1, queries=2, seed=0)
+    history = model.fit(train.tf_dataset(), steps_per_epoch=2, epochs=1, verbose=0)
+    assert set(history.history) == {"loss", "accuracy"}
+    test = EpisodeSampler(tiny_omniglot, ways=3, shots=1, queries=2, seed=1).sample()
+    assert model.predict_episode(*test.inputs()).shape == (6, 3)
+
+
+def test_bad_episodes_raise_clear_errors():
+    model = PrototypicalNetwork(identity_embedding(2))
+    x = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="cover every label"):
+        model.predict_episode(x, np.array([0, 0, 2]), x)
+    with pytest.raises(ValueError, match="one label per support example"):
+        model.predict_episode(x, np.array([0, 1]), x)
+    with pytest.raises(ValueError, match="integer labels"):
+        model.predict_episode(x, np.array([0.0, 1.0, 1.0]), x)
+    with pytest.raises(ValueError, match="query examples have shape"):
+        model.predict_episode(x, np.array([0, 1, 1]), np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="embedding must be"):
+        PrototypicalNetwork("conv4")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PrototypicalNetwork(nets.conv4(filters=8)),
+        lambda: GaussianPrototypicalNetwork(nets.conv4(filters=8), covariance="diagonal"),
+        lambda: SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True),
+    ],
+    ids=["plain", "gaussian", "semi-supervised"],
+)
+def test_save_and_load_round_trip(make, tiny_omniglot, tmp_path):
+    model = make()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    sampler = EpisodeSampler(tiny_omniglot, ways=3, shots=1, queries=2, seed=0, unlabeled=2)
+    model.fit(sampler.tf_dataset(), steps_per_epoch=2, epochs=1, verbose=0)
+    episode = sampler.sample()
+    args = episode.inputs() + ((episode.unlabeled_x,) if model.name.startswith("semi") else ())
+    before = model.predict_episode(*args)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert type(loaded) is type(model)
+    assert loaded.get_config().keys() == model.get_config().keys()
+    np.testing.assert_allclose(loaded.predict_episode(*args), before, rtol=1e-5, atol=1e-5)
+
+
+def test_learns_on_real_omniglot():
+    from bookcode import datasets
+
+    keras.utils.set_random_seed(0)
+    train = datasets.omniglot("train")
+    test = datasets.omniglot("test")
+    episodes = EpisodeSampler(test, ways=5, shots=1, queries=5).fixed(40, seed=3)
+    embedding = nets.conv4(filters=32, fused_batch_norm=True, batch_norm_momentum=0.9)
+    model = PrototypicalNetwork(embedding)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    before = evaluate(model, episodes).mean
+    sampler = EpisodeSampler(train, ways=30, shots=1, queries=4, seed=0)
+    model.fit(sampler.tf_dataset(), steps_per_epoch=60, epochs=1, verbose=0)
+    after = evaluate(model, episodes).mean
+    assert after > 0.7 and after > before + 0.15, (before, after)
+
+
+# ------------------------------------------------- Gaussian prototypical nets
+
+
+def test_gaussian_radius_hand_computed():
+    model = GaussianPrototypicalNetwork(identity_embedding(3), covariance="radius")
+    raw = np.log(np.e - 1)  # softplus(raw) = 1, so the precision is 2
+    support_x = np.array([[0.0, 0.0, raw], [2.0, 0.0, 0.0], [5.0, 5.0, raw]], np.float32)
+    support_y = np.array([0, 0, 1])
+    query_x = np.array([[1.0, 1.0, 123.0]], np.float32)  # the query's own precision is unused
+    s0, s1 = 2.0, 1.0 + np.log(2.0)
+    proto0 = (s0 * np.array([0.0, 0.0]) + s1 * np.array([2.0, 0.0])) / (s0 + s1)
+    expected = [
+        -(s0 + s1) * np.sum((np.array([1.0, 1.0]) - proto0) ** 2),
+        -s0 * np.sum((np.array([1.0, 1.0]) - np.array([5.0, 5.0])) ** 2),
+    ]
+    logits = model.predict_episode(support_x, support_y, query_x)
+    np.testing.assert_allclose(logits, [expected], rtol=1e-5)
+
+
+def test_gaussian_split_shapes_and_errors():
+    diagonal = GaussianPrototypicalNetwork(identity_embedding(4), covariance="diagonal")
+    embeddings, precisions = diagonal.split(tf.zeros((5, 8)))
+    assert embeddings.shape == (5, 4) and precisions.shape == (5, 4)
+    np.testing.assert_allclose(precisions, 1 + np.log(2.0), rtol=1e-6)
+    radius = GaussianPrototypicalNetwork(identity_embedding(4), covariance="radius")
+    embeddings, precisions = radius.split(tf.zeros((5, 8)))
+    assert embeddings.shape == (5, 7) and precisions.shape == (5, 7)
+    with pytest.raises(ValueError, match="even encoder output"):
+        diagonal.split(tf.zeros((5, 7)))
+    with pytest.raises(ValueError, match="'radius' or 'diagonal'"):
+        GaussianPrototypicalNetwork(identity_embedding(4), covariance="full")
+
+
+# --------------------------------------------- semi-supervised prototypical
+
+
+def test_semi_supervised_sampler_inputs_and_training(tiny_omniglot):
+    sampler = EpisodeSampler(
+        tiny_omniglot, ways=3, shots=1, queries=2, seed=0, unlabeled=2, distractors=2
+    )
+    inputs, _ = next(iter(sampler.tf_dataset()))
+    assert len(inputs) == 4
+    unlabeled_x = inputs[3]
+    assert unlabeled_x.shape == (10, 28, 28, 1)  # (3 ways + 2 distractors) * 2
+    model = SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(sampler.tf_dataset(), steps_per_epoch=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    episode = sampler.sample()
+    logits = model.predict_episode(*episode.inputs(), episode.unlabeled_x)
+    assert logits.shape == (6, 3)
+
+
+def test_semi_supervised_without_refinement_equals_plain():
+    embedding = identity_embedding(2)
+    plain = PrototypicalNetwork(embedding)
+    semi = SemiSupervisedPrototypicalNetwork(embedding, refinement_steps=0)
+    support_x = np.array([[0.0, 0.0], [4.0, 0.0]], np.float32)
+    support_y = np.array([0, 1])
+    query_x = np.array([[1.0, 0.0]], np.float32)
+    unlabeled_x = np.array([[0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(
+        semi.predict_episode(support_x, support_y, query_x, unlabeled_x),
+        plain.predict_episode(support_x, support_y, query_x),
+    )
+    refined = SemiSupervisedPrototypicalNetwork(embedding, refinement_steps=1)
+    # prototype 0 moves towards (0, 1), so the query (1, 0) gets further from it
+    logits = refined.predict_episode(support_x, support_y, query_x, unlabeled_x)
+    assert logits[0, 0] < -1.0
+    with pytest.raises(ValueError, match="refinement_steps"):
+        SemiSupervisedPrototypicalNetwork(embedding, refinement_steps=-1)
+
+
+def test_masked_soft_kmeans_masks_far_distractors():
+    model = SemiSupervisedPrototypicalNetwork(identity_embedding(2), masked=True)
+    # threshold beta = 1.5 (in units of the mean distance), steep slope
+    dense = model.mask_network.layers[-1]
+    dense.kernel.assign(np.zeros(dense.kernel.shape, np.float32))
+    dense.bias.assign(np.array([1.5, 20.0], np.float32))
+    prototypes = np.array([[0.0, 0.0], [4.0, 0.0]], np.float32)
+    unlabeled = np.array([[0.0, 0.5], [4.0, 0.5], [2.0, 30.0]], np.float32)
+    mask = model.mask(squared_euclidean_distance(unlabeled, prototypes)).numpy()
+    assert mask.shape == (3, 2) and np.all((mask >= 0) & (mask <= 1))
+    assert mask[2].max() < 1e-3  # the distractor far from both prototypes
+    assert mask[0, 0] > 0.99 and mask[1, 1] > 0.99  # near examples kept
+
+
+# ----------------------------------- the fused batch norm used for speed here
+
+
+def test_fused_batch_norm_matches_keras_batch_norm():
+    x = np.random.default_rng(0).normal(1.0, 3.0, size=(6, 5, 5, 3)).astype(np.float32)
+    plain = keras.layers.BatchNormalization(momentum=0.9)
+    fused = nets.FusedBatchNormalization(momentum=0.9)
+    for layer in (plain, fused):
+        layer.build(x.shape)
+        layer.gamma.assign([1.0, 2.0, 3.0])
+        layer.beta.assign([0.0, 1.0, -1.0])
+    np.testing.assert_allclose(fused(x, training=True), plain(x, training=True), atol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean, plain.moving_mean, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance, plain.moving_variance, atol=1e-5)
+    np.testing.assert_allclose(fused(x), plain(x), atol=1e-5)
+    xt = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        loss_plain = tf.reduce_sum(plain(xt, training=True) ** 3)
+        loss_fused = tf.reduce_sum(fused(xt, training=True) ** 3)
+    np.testing.assert_allclose(
+        tape.gradient(loss_fused, xt), tape.gradient(loss_plain, xt), rtol=1e-3, atol=1e-3
+    )
