@@ -1,0 +1,293 @@
+"""Tests of bookcode.learned_optimizers: the LSTM optimiser (Andrychowicz et
+al. 2016) and the meta-LSTM few-shot learner (Ravi & Larochelle 2017)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bookcode import learned_optimizers as lo
+
+
+# -- preprocessing -----------------------------------------------------------
+
+
+def test_preprocessing_values_by_hand():
+    p = 10.0
+    g = np.array([1.0, -math.e, 1e-3, -2e-5, 0.0], np.float32)
+    out = lo.preprocess_gradients(g, p).numpy()
+    assert out.shape == (5, 2)
+    # |g| >= e^-10 = 4.54e-5: (log|g| / p, sign g)
+    np.testing.assert_allclose(out[0], [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out[1], [0.1, -1.0], atol=1e-6)
+    np.testing.assert_allclose(out[2], [math.log(1e-3) / 10, 1.0], rtol=1e-5)
+    # tiny gradients: (-1, e^p g)
+    np.testing.assert_allclose(out[3], [-1.0, -2e-5 * math.exp(10)], rtol=1e-5)
+    np.testing.assert_allclose(out[4], [-1.0, 0.0], atol=1e-7)
+
+
+def test_preprocessing_rejects_bad_p():
+    with pytest.raises(ValueError, match="p must be positive"):
+        lo.preprocess_gradients(np.ones(3, np.float32), p=0)
+
+
+# -- quadratics ---------------------------------------------------------------
+
+
+def test_quadratic_loss_and_gradient_by_hand():
+    w = np.array([[[1.0, 2.0], [0.0, 1.0]]], np.float32)
+    y = np.array([[1.0, 1.0]], np.float32)
+    theta = np.array([[1.0, 1.0]], np.float32)
+    # W theta - y = (2, 0): loss 4, gradient 2 W^T (2, 0) = (4, 8)
+    loss, grad = lo.quadratic_loss_and_gradient(w, y, theta)
+    np.testing.assert_allclose(loss.numpy(), [4.0])
+    np.testing.assert_allclose(grad.numpy(), [[4.0, 8.0]])
+    np.testing.assert_allclose(lo.quadratic_loss(w, y, theta).numpy(), [4.0])
+
+
+def test_random_quadratics_shapes_seed_and_bad_input():
+    w, y, t = lo.random_quadratics(3, dim=4, seed=5)
+    assert w.shape == (3, 4, 4) and y.shape == (3, 4) and t.shape == (3, 4)
+    np.testing.assert_array_equal(w, lo.random_quadratics(3, dim=4, seed=5)[0])
+    with pytest.raises(ValueError):
+        lo.random_quadratics(0)
+    with pytest.raises(ValueError, match="log10_scale"):
+        lo.random_quadratics(2, log10_scale=(1.0, 0.0))
+    # scaling multiplies W and y of each problem by one factor in [10^-2, 10^0]
+    ws, ys, ts = lo.random_quadratics(3, dim=4, seed=5, log10_scale=(-2.0, 0.0))
+    factor = ws[:, 0, 0] / w[:, 0, 0]
+    assert np.all((factor >= 0.01 - 1e-6) & (factor <= 1 + 1e-6))
+    np.testing.assert_allclose(ws / factor[:, None, None], w, rtol=1e-5)
+    np.testing.assert_allclose(ys / factor[:, None], y, rtol=1e-5)
+    np.testing.assert_array_equal(ts, t)
+
+
+# -- LSTM optimiser -------------------------------------------------------------
+
+
+def test_lstm_optimizer_shapes_and_bad_config():
+    opt = lo.LSTMOptimizer(hidden_size=8)
+    state = opt.initial_state(7)
+    assert len(state) == 2 and state[0][0].shape == (7, 8)
+    update, new_state = opt.step(tf.ones(7), state)
+    assert update.shape == (7,)
+    assert new_state[1][1].shape == (7, 8)
+    assert opt(tf.ones((2, 3))).shape == (6,)
+    with pytest.raises(ValueError):
+        lo.LSTMOptimizer(hidden_size=0)
+
+
+def test_lstm_optimizer_is_coordinatewise():
+    """Shared weights, one row per coordinate: a coordinate's update does not
+    depend on the other coordinates."""
+    opt = lo.LSTMOptimizer(hidden_size=8)
+    g = tf.constant([0.3, -2.0, 1e-7])
+    alone = [opt(g[i : i + 1]).numpy()[0] for i in range(3)]
+    np.testing.assert_allclose(opt(g).numpy(), alone, rtol=1e-5, atol=1e-8)
+
+
+def test_lstm_optimizer_minimize_on_keras_model_variables():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = lo.LSTMOptimizer(hidden_size=8)
+    x, y = tf.ones((4, 3)), tf.zeros((4, 2))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    loss = opt.minimize(lambda: tf.reduce_mean((model(x) - y) ** 2), model.trainable_variables)
+    assert np.isfinite(float(loss))
+    after = [v.numpy() for v in model.trainable_variables]
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    # state is kept per coordinate (3*2 kernel + 2 bias) and reset on demand
+    assert opt._slots[0] == [6, 2]
+    opt.reset()
+    assert opt._slots is None
+
+
+def _unrolled_meta_loss(opt, w, y, t, steps, first_order):
+    theta = tf.constant(t)
+    state = opt.initial_state(t.size)
+    total = 0.0
+    for _ in range(steps):
+        _, g = lo.quadratic_loss_and_gradient(w, y, theta)
+        if first_order:
+            g = tf.stop_gradient(g)
+        u, state = opt.step(tf.reshape(g, (-1,)), state)
+        theta = theta + tf.reshape(u, t.shape)
+        total += tf.reduce_mean(lo.quadratic_loss(w, y, theta))
+    return total
+
+
+def test_meta_gradients_flow_through_the_unroll():
+    keras.utils.set_random_seed(0)
+    opt = lo.LSTMOptimizer(hidden_size=8, output_scale=0.1)
+    w, y, t = lo.random_quadratics(8, dim=3, seed=0)
+    # first order (the paper's choice): every weight still gets a gradient
+    with tf.GradientTape() as tape:
+        total = _unrolled_meta_loss(opt, w, y, t, 5, first_order=True)
+    grads = tape.gradient(total, opt.trainable_variables)
+    assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+    # the full gradient through 5 unrolled steps equals finite differences
+    with tf.GradientTape() as tape:
+        total = _unrolled_meta_loss(opt, w, y, t, 5, first_order=False)
+    var = opt.head.kernel
+    grad = tape.gradient(total, var)
+    direction = grad / tf.norm(grad)
+    eps = 1e-3
+    var.assign_add(eps * direction)
+    plus = float(_unrolled_meta_loss(opt, w, y, t, 5, first_order=False))
+    var.assign_sub(2 * eps * direction)
+    minus = float(_unrolled_meta_loss(opt, w, y, t, 5, first_order=False))
+    var.assign_add(eps * direction)
+    np.testing.assert_allclose((plus - minus) / (2 * eps), float(tf.norm(grad)), rtol=0.05)
+
+
+def test_meta_training_reduces_loss_on_held_out_quadratics():
+    keras.utils.set_random_seed(0)
+    opt = lo.LSTMOptimizer(unroll=10, truncations=2)
+    opt.compile(optimizer=keras.optimizers.Adam(1e-2))
+    test = lo.random_quadratics(64, seed=99)
+    before = np.median(opt.optimize_quadratics(*test, 20).numpy()[-1])
+    data = tf.data.Dataset.from_tensor_slices(lo.random_quadratics(32 * 40, seed=1)).batch(32)
+    opt.fit(data, epochs=1, verbose=0)
+    after = np.median(opt.optimize_quadratics(*test, 20).numpy()[-1])
+    assert after < 0.5 * before
+
+
+def test_keras_baseline_on_quadratics_matches_plain_sgd():
+    w, y, t = lo.random_quadratics(3, dim=4, seed=2)
+    losses = lo.optimize_quadratics_with(keras.optimizers.SGD(0.01), w, y, t, 3)
+    theta = t.copy()
+    expected = [lo.quadratic_loss(w, y, theta).numpy()]
+    for _ in range(3):
+        theta = theta - 0.01 * lo.quadratic_loss_and_gradient(w, y, theta)[1].numpy()
+        expected.append(lo.quadratic_loss(w, y, theta).numpy())
+    np.testing.assert_allclose(losses, np.array(expected), rtol=1e-4)
+
+
+# -- meta-LSTM -------------------------------------------------------------------
+
+
+def test_meta_lstm_cell_with_hand_set_gates_is_a_gradient_step():
+    """With W = 0, forget gate 1 and input gate lr, the cell update is
+    theta - lr * grad: plain gradient descent."""
+    cell = lo.MetaLSTMCell(initial_learning_rate=0.25, initial_forget=0.5)
+    x = tf.random.normal((4, 3))
+    theta, grad = tf.constant([1.0, -2.0, 0.5, 0.0]), tf.constant([0.4, 0.4, -1.0, 2.0])
+    zeros = tf.zeros(4)
+    cell(x, theta, grad, zeros, zeros)
+    cell.w_forget.assign(tf.zeros_like(cell.w_forget))
+    cell.w_input.assign(tf.zeros_like(cell.w_input))
+    cell.b_forget.assign([30.0])  # sigmoid(30) = 1 in float32
+    new_theta, forget, rate = cell(x, theta, grad, zeros, zeros)
+    np.testing.assert_allclose(rate.numpy(), 0.25, rtol=1e-6)
+    np.testing.assert_allclose(forget.numpy(), 1.0)
+    np.testing.assert_allclose(new_theta.numpy(), (theta - 0.25 * grad).numpy(), rtol=1e-6)
+    # the initial biases give the requested initial gates
+    fresh = lo.MetaLSTMCell(initial_learning_rate=0.25, initial_forget=0.5)
+    fresh(x, theta, grad, zeros, zeros)
+    np.testing.assert_allclose(tf.sigmoid(fresh.b_input).numpy(), [0.25], rtol=1e-6)
+    np.testing.assert_allclose(tf.sigmoid(fresh.b_forget).numpy(), [0.5], rtol=1e-6)
+
+
+def _episode(ways=3, shots=2, queries=2, seed=0):
+    rng = np.random.default_rng(seed)
+    sx = rng.random((ways * shots, 12, 12, 1), dtype=np.float32)
+    qx = rng.random((ways * queries, 12, 12, 1), dtype=np.float32)
+    return sx, np.repeat(np.arange(ways), shots), qx, np.repeat(np.arange(ways), queries)
+
+
+def _meta_lstm(ways=3, steps=2):
+    learner = lo.small_convnet(ways, filters=4, blocks=2, input_shape=(12, 12, 1))
+    return lo.MetaLSTMLearner(learner, steps=steps, hidden_size=6)
+
+
+def test_meta_lstm_shapes_and_gates():
+    keras.utils.set_random_seed(0)
+    model = _meta_lstm()
+    sx, sy, qx, _ = _episode()
+    logits = model.predict_episode(sx, sy, qx)
+    assert logits.shape == (6, 3)
+    theta, forget, rate = model.adapt(sx, sy)
+    n = model.learner.count_params() - 2 * 2 * 4  # minus batch-norm moving statistics
+    assert theta.shape == (n,) and forget.shape == (2, n) and rate.shape == (2, n)
+    assert np.all((forget.numpy() > 0) & (forget.numpy() < 1))
+    with pytest.raises(ValueError, match="ways"):
+        model.predict_episode(sx[:4], sy[:4], qx)
+    with pytest.raises(ValueError):
+        lo.MetaLSTMLearner(model.learner, steps=0)
+
+
+def test_meta_lstm_with_frozen_encoder():
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(3, 3, padding="same")])
+    learner = lo.small_convnet(3, filters=4, blocks=1, input_shape=(12, 12, 3))
+    model = lo.MetaLSTMLearner(learner, steps=2, hidden_size=6, encoder=encoder)
+    sx, sy, qx, _ = _episode()
+    assert model.predict_episode(sx, sy, qx).shape == (6, 3)
+    assert not any(v is w for v in model.trainable_variables for w in encoder.weights)
+    np.testing.assert_allclose(model.encode(sx).numpy(), encoder(sx).numpy(), rtol=1e-6)
+
+
+def test_meta_lstm_with_hand_set_gates_reduces_to_gradient_descent():
+    keras.utils.set_random_seed(0)
+    model = _meta_lstm(steps=1)
+    sx, sy, qx, _ = _episode()
+    model.meta_cell.w_forget.assign(tf.zeros_like(model.meta_cell.w_forget))
+    model.meta_cell.w_input.assign(tf.zeros_like(model.meta_cell.w_input))
+    model.meta_cell.b_forget.assign([30.0])
+    model.meta_cell.b_input.assign([lo._logit(0.1)])
+    theta0 = model.initial_parameters()
+    _, grad = model._support_loss_and_gradient(theta0, tf.constant(sx), tf.constant(sy, tf.int32))
+    theta1, _, _ = model.adapt(sx, sy)
+    np.testing.assert_allclose(theta1.numpy(), (theta0 - 0.1 * grad).numpy(), rtol=1e-5, atol=1e-6)
+    expected = model.learner_logits(theta0 - 0.1 * grad, tf.constant(qx)).numpy()
+    np.testing.assert_allclose(model.predict_episode(sx, sy, qx), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_meta_lstm_meta_gradients_reach_init_lstm_and_gates():
+    keras.utils.set_random_seed(0)
+    model = _meta_lstm()
+    sx, sy, qx, qy = _episode()
+    with tf.GradientTape() as tape:
+        logits = model((sx, tf.constant(sy, tf.int32), qx))
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(qy, logits, from_logits=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    names = [v.path for v in model.trainable_variables]
+    missing = [n for n, g in zip(names, grads) if g is None or float(tf.reduce_sum(tf.abs(g))) == 0]
+    assert not missing, missing
+
+
+def test_meta_lstm_learns_on_real_omniglot():
+    from bookcode.datasets import omniglot
+    from bookcode.episodes import EpisodeSampler
+    from bookcode.evaluation import evaluate
+
+    keras.utils.set_random_seed(0)
+    train, test = omniglot("train"), omniglot("test")
+    model = lo.MetaLSTMLearner(lo.small_convnet(5, filters=16), steps=3, initial_learning_rate=0.3)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    episodes = EpisodeSampler(test, ways=5, shots=1, queries=5, seed=1).fixed(30)
+    before = evaluate(model, episodes).mean
+    sampler = EpisodeSampler(train, ways=5, shots=1, queries=5, seed=0)
+    model.fit(sampler.tf_dataset(batch_size=2), steps_per_epoch=60, epochs=1, verbose=0)
+    after = evaluate(model, episodes).mean
+    assert after > before + 0.1 and after > 0.5, (before, after)
+
+
+def test_fine_tuner_is_plain_gradient_descent():
+    keras.utils.set_random_seed(0)
+    learner = lo.small_convnet(3, filters=4, blocks=2, input_shape=(12, 12, 1))
+    sx, sy, qx, _ = _episode()
+    tuner = lo.FineTuner(learner, steps=1, learning_rate=0.1)
+    model = lo.MetaLSTMLearner(learner, steps=1)
+    theta0 = model.initial_parameters()
+    _, grad = model._support_loss_and_gradient(theta0, tf.constant(sx), tf.constant(sy, tf.int32))
+    expected = model.learner_logits(theta0 - 0.1 * grad, tf.constant(qx)).numpy()
+    np.testing.assert_allclose(tuner.predict_episode(sx, sy, qx), expected, rtol=1e-4, atol=1e-5)
+    tuner.learning_rate = 0.2
+    assert tuner.learning_rate == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        tuner.learning_rate = -1.0
+    with pytest.raises(ValueError):
+        lo.FineTuner(learner, steps=0)
