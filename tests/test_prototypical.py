@@ -311,3 +311,21 @@ def test_fused_batch_norm_matches_keras_batch_norm():
     np.testing.assert_allclose(
         tape.gradient(loss_fused, xt), tape.gradient(loss_plain, xt), rtol=1e-3, atol=1e-3
     )
+
+
+def test_mixed_precision_gives_float32_logits(tiny_omniglot):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        sampler = EpisodeSampler(tiny_omniglot, ways=3, shots=1, queries=2, seed=0, unlabeled=2)
+        episode = sampler.sample()
+        for model in [
+            PrototypicalNetwork(nets.conv4(filters=8, fused_batch_norm=True)),
+            GaussianPrototypicalNetwork(nets.conv4(filters=8, fused_batch_norm=True)),
+            SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True),
+        ]:
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+            model.fit(sampler.tf_dataset(), steps_per_epoch=1, epochs=1, verbose=0)
+            logits = model.predict_episode(*episode.inputs(), episode.unlabeled_x)
+            assert logits.dtype == np.float32 and logits.shape == (6, 3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -330,8 +330,10 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
             self.mask_network = keras.Sequential(
                 [
                     keras.Input((DISTANCE_STATISTICS,)),
-                    keras.layers.Dense(mask_units, activation="tanh"),
-                    keras.layers.Dense(2, bias_initializer=keras.initializers.Constant([1.0, 1.0])),
+                    keras.layers.Dense(mask_units, activation="tanh", dtype="float32"),
+                    keras.layers.Dense(
+                        2, bias_initializer=keras.initializers.Constant([1.0, 1.0]), dtype="float32"
+                    ),
                 ],
                 name="mask_network",
             )
