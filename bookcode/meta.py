@@ -200,7 +200,7 @@ class GradientMetaLearner(keras.Model):
         self.metric_tracker = keras.metrics.Mean(
             name="accuracy" if kind == CLASSIFICATION else "mse"
         )
-        self._predict_fn = self._curve_fn = None
+        self._predict_fn = self._curve_fn = self._attack_fn = None
         self.built = True
 
     @property
@@ -450,19 +450,32 @@ class ADML(GradientMetaLearner):
         return loss, task_metric(self.kind, query_y, out_clean)
 
 
-def adversarial_queries(learner, support_x, support_y, query_x, query_y, epsilon, clip_range=(0.0, 1.0), steps=None):
+def adversarial_queries(
+    learner, support_x, support_y, query_x, query_y, epsilon, clip_range=(0.0, 1.0), steps=None
+):
     """White-box FGSM queries against ``learner`` after it adapted to the
     support set (``steps`` inner steps, default its ``test_inner_steps``):
     the attack a model meets at test time. Returns perturbed ``query_x``."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon!r}")
     steps = learner.test_inner_steps if steps is None else steps
+    if getattr(learner, "_attack_fn", None) is None:
+
+        @tf.function(reduce_retracing=True)
+        def attack(sx, sy, qx, qy, epsilon, steps, clip_range):
+            meta_weights = [v.value for v in learner.meta_variables]
+            fast, _ = learner.adapt_task(meta_weights, sx, sy, steps, True)
+
+            def loss_of_input(inputs):
+                return task_loss(learner.kind, qy, learner.fast_forward(meta_weights, fast, inputs))
+
+            return fgsm(loss_of_input, qx, epsilon, clip_range)
+
+        learner._attack_fn = attack
     sx, sy, qx, qy = learner._inputs(support_x, support_y, query_x, query_y)
-    meta_weights = [v.value for v in learner.meta_variables]
-    fast, _ = learner.adapt_task(meta_weights, sx, sy, steps, True)
-
-    def loss_of_input(inputs):
-        return task_loss(learner.kind, qy, learner.fast_forward(meta_weights, fast, inputs))
-
-    return fgsm(loss_of_input, qx, epsilon, clip_range).numpy()
+    clip = None if clip_range is None else tuple(float(c) for c in clip_range)
+    eps = tf.constant(float(epsilon), sx.dtype)
+    return learner._attack_fn(sx, sy, qx, qy, eps, int(steps), clip).numpy()
 
 
 class CAML(GradientMetaLearner):
