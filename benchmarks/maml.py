@@ -26,9 +26,9 @@ import sys
 import time
 
 WORKLOADS = {
-    "so-32x1": dict(first_order=False, batch=32, steps=1),
-    "so-8x5": dict(first_order=False, batch=8, steps=5),
-    "fo-32x1": dict(first_order=True, batch=32, steps=1),
+    "so-32x1": {"first_order": False, "batch": 32, "steps": 1},
+    "so-8x5": {"first_order": False, "batch": 8, "steps": 5},
+    "fo-32x1": {"first_order": True, "batch": 32, "steps": 1},
 }
 
 
@@ -67,17 +67,17 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int) -> di
     for _ in range(iterations):
         maml.train_on_batch(x, y)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    return dict(
-        workload=name,
-        tasks_per_s_wall=round(iterations * b / wall, 1),
-        tasks_per_cpu_s=round(iterations * b / cpu, 1),
-        s_per_iteration=round(wall / iterations, 2),
-        first_call_s=round(trace, 1),
-        load_avg=round(load, 1),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        rss_before_mb=round(rss_before / 1024),
-        parallel_tasks=parallel_tasks,
-    )
+    return {
+        "workload": name,
+        "tasks_per_s_wall": round(iterations * b / wall, 1),
+        "tasks_per_cpu_s": round(iterations * b / cpu, 1),
+        "s_per_iteration": round(wall / iterations, 2),
+        "first_call_s": round(trace, 1),
+        "load_avg": round(load, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_before_mb": round(rss_before / 1024),
+        "parallel_tasks": parallel_tasks,
+    }
 
 
 def main():

@@ -32,7 +32,7 @@ meta-gradient, so later learners can reweight per-task gradients.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -186,7 +186,7 @@ class GradientMetaLearner(keras.Model):
         if test_inner_steps is not None and (
             not isinstance(test_inner_steps, (int, np.integer)) or test_inner_steps < 0
         ):
-            raise ValueError(f"test_inner_steps must be a non-negative integer or None")
+            raise ValueError("test_inner_steps must be a non-negative integer or None")
         if np.ndim(inner_lr) == 0 and float(inner_lr) <= 0:
             raise ValueError(f"inner_lr must be positive, got {inner_lr!r}")
         self.model = model
@@ -246,7 +246,10 @@ class GradientMetaLearner(keras.Model):
             def metric_fn(fast):
                 outputs = self.fast_forward(meta_weights, fast, track[0])
                 return tf.stack(
-                    [task_loss(self.kind, track[1], outputs), task_metric(self.kind, track[1], outputs)]
+                    [
+                        task_loss(self.kind, track[1], outputs),
+                        task_metric(self.kind, track[1], outputs),
+                    ]
                 )
 
         return adapt(

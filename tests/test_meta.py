@@ -1,7 +1,5 @@
 """Tests of the inner-loop engine and MAML, ADML, CAML (bookcode.meta)."""
 
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -64,10 +62,7 @@ def test_second_order_meta_gradient_matches_finite_differences(steps):
 
     h = 1e-6
     numeric = np.array(
-        [
-            (loss_at(flat + h * e) - loss_at(flat - h * e)) / (2 * h)
-            for e in np.eye(len(flat))
-        ]
+        [(loss_at(flat + h * e) - loss_at(flat - h * e)) / (2 * h) for e in np.eye(len(flat))]
     )
     rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
     assert rel < 1e-3
@@ -181,7 +176,10 @@ def test_caml_adapts_only_the_context():
     assert history.shape == (3, 2) and history[-1, 0] < history[0, 0]
     assert caml.predict_episode(*task.inputs()).shape == (5, 1)
     _, _, grads = caml.task_gradients(
-        *[tf.constant(a[None]) for a in (task.support_x, task.support_y, task.query_x, task.query_y)]
+        *[
+            tf.constant(a[None])
+            for a in (task.support_x, task.support_y, task.query_x, task.query_y)
+        ]
     )
     assert len(grads) == len(model.trainable_variables)
     for b, v in zip(before, model.variables):
@@ -196,7 +194,10 @@ def test_sinusoids_follow_the_paper_ranges_and_seed():
     assert 0 <= batch.phase.min() and batch.phase.max() <= np.pi
     assert -5 <= batch.support_x.min() and batch.query_x.max() <= 5
     np.testing.assert_allclose(
-        batch.support_y, batch.amplitude[:, None, None] * np.sin(batch.support_x - batch.phase[:, None, None]), rtol=1e-5, atol=1e-5
+        batch.support_y,
+        batch.amplitude[:, None, None] * np.sin(batch.support_x - batch.phase[:, None, None]),
+        rtol=1e-5,
+        atol=1e-5,
     )
     a, b = Sinusoids(seed=3).fixed(4), Sinusoids(seed=99).fixed(4)
     np.testing.assert_array_equal(a[2].query_x, b[2].query_x)
@@ -209,8 +210,12 @@ def test_sinusoids_follow_the_paper_ranges_and_seed():
 def test_maml_learns_sine_regression_quickly():
     keras.utils.set_random_seed(0)
     net = keras.Sequential(
-        [keras.Input((1,)), keras.layers.Dense(40, activation="relu"),
-         keras.layers.Dense(40, activation="relu"), keras.layers.Dense(1)]
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(40, activation="relu"),
+            keras.layers.Dense(40, activation="relu"),
+            keras.layers.Dense(1),
+        ]
     )
     maml = meta.MAML(net, inner_lr=0.01, inner_steps=1, kind="regression")
     maml.compile(keras.optimizers.Adam(5e-3))

@@ -82,9 +82,7 @@ class Sinusoids:
         y = amplitude * np.sin(x - phase)
         x, y = x.astype(np.float32), y.astype(np.float32)
         k = self.shots
-        return SineTask(
-            amplitude[:, 0, 0], phase[:, 0, 0], x[:, :k], y[:, :k], x[:, k:], y[:, k:]
-        )
+        return SineTask(amplitude[:, 0, 0], phase[:, 0, 0], x[:, :k], y[:, :k], x[:, k:], y[:, k:])
 
     @staticmethod
     def _unbatch(task: SineTask, i: int) -> SineTask:
@@ -120,6 +118,6 @@ class Sinusoids:
         lead = () if batch_size is None else (batch_size,)
         s = tf.TensorSpec(lead + (self.shots, 1), tf.float32)
         q = tf.TensorSpec(lead + (self.queries, 1), tf.float32)
-        return tf.data.Dataset.from_generator(
-            generate, output_signature=((s, s, q), q)
-        ).prefetch(prefetch)
+        return tf.data.Dataset.from_generator(generate, output_signature=((s, s, q), q)).prefetch(
+            prefetch
+        )
