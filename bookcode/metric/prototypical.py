@@ -144,7 +144,7 @@ class _EpisodicModel(keras.Model):
         self.embedding = embedding
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self._predict_fn = None
+        self._predict_fns = {}
 
     # The embedding of support, query (and unlabelled) examples in one pass,
     # so batch normalisation sees the whole episode, as in the paper.
@@ -192,15 +192,16 @@ class _EpisodicModel(keras.Model):
     def predict_episode(self, support_x, support_y, query_x, unlabeled_x=None):
         """Logits (num_query, ways) of the queries of one episode (inference mode)."""
         support_y, _ = _check_episode(support_x, support_y, query_x)
-        if self._predict_fn is None:
-            self._predict_fn = tf.function(
-                lambda *a: self.episode_logits(*a, training=False), reduce_retracing=True
-            )
         args = [tf.convert_to_tensor(support_x, tf.float32), tf.constant(support_y),
                 tf.convert_to_tensor(query_x, tf.float32)]  # fmt: skip
         if unlabeled_x is not None and len(unlabeled_x):
             args.append(tf.convert_to_tensor(unlabeled_x, tf.float32))
-        return self._predict_fn(*args).numpy()
+        # one compiled function per signature: with and without unlabelled examples
+        if len(args) not in self._predict_fns:
+            self._predict_fns[len(args)] = tf.function(
+                lambda *a: self.episode_logits(*a, training=False), reduce_retracing=True
+            )
+        return self._predict_fns[len(args)](*args).numpy()
 
     def get_config(self):
         config = super().get_config()
