@@ -191,7 +191,10 @@ class LSTMOptimizer(keras.Model):
         variables = list(variables)
         sizes = [int(np.prod(v.shape)) for v in variables]
         if self._slots is None or self._slots[0] != sizes:
-            state = [[tf.Variable(s, trainable=False) for s in layer] for layer in self.initial_state(sum(sizes))]
+            state = [
+                [tf.Variable(s, trainable=False) for s in layer]
+                for layer in self.initial_state(sum(sizes))
+            ]
             self._slots = (sizes, state)
         flat = tf.concat([tf.reshape(g, (-1,)) for g in gradients], axis=0)
         updates = self._apply_flat(flat, self._slots[1])
@@ -220,7 +223,9 @@ class LSTMOptimizer(keras.Model):
     def optimize_quadratics(self, w, y, theta0, steps: int):
         """Run the learned optimiser on a batch of quadratics; returns losses
         (steps + 1, n), from theta0 to theta_steps. Used for evaluation."""
-        return _optimize_quadratics(self, tf.constant(w), tf.constant(y), tf.constant(theta0), steps)
+        return _optimize_quadratics(
+            self, tf.constant(w), tf.constant(y), tf.constant(theta0), steps
+        )
 
     def _segment_loss(self, f):
         return tf.math.log(f + 1e-12) if self.log_loss else f
@@ -251,7 +256,9 @@ class LSTMOptimizer(keras.Model):
             state = tf.nest.map_structure(tf.stop_gradient, state)
             self.meta_loss_tracker.update_state(meta_loss)
         final = quadratic_loss(w, y, theta)
-        self.final_loss_tracker.update_state(tf.reduce_mean(tf.math.log(final + 1e-12)) / math.log(10))
+        self.final_loss_tracker.update_state(
+            tf.reduce_mean(tf.math.log(final + 1e-12)) / math.log(10)
+        )
         return {m.name: m.result() for m in self.metrics}
 
     @property
@@ -343,7 +350,9 @@ class MetaLSTMCell(layers.Layer):
         self.w_forget = self.add_weight(shape=(features, 1), initializer=small, name="w_forget")
         self.w_input = self.add_weight(shape=(features, 1), initializer=small, name="w_input")
         self.b_forget = self.add_weight(
-            shape=(1,), initializer=keras.initializers.Constant(_logit(self.initial_forget)), name="b_forget"
+            shape=(1,),
+            initializer=keras.initializers.Constant(_logit(self.initial_forget)),
+            name="b_forget",
         )
         self.b_input = self.add_weight(
             shape=(1,),
@@ -354,10 +363,12 @@ class MetaLSTMCell(layers.Layer):
     def call(self, x, theta, gradient, previous_forget, previous_input):
         """All arguments (n,) except ``x`` (n, hidden); returns ``(theta_t, f_t, i_t)``."""
         forget = tf.sigmoid(
-            tf.concat([x, theta[:, None], previous_forget[:, None]], -1) @ self.w_forget + self.b_forget
+            tf.concat([x, theta[:, None], previous_forget[:, None]], -1) @ self.w_forget
+            + self.b_forget
         )[:, 0]
         learning_rate = tf.sigmoid(
-            tf.concat([x, theta[:, None], previous_input[:, None]], -1) @ self.w_input + self.b_input
+            tf.concat([x, theta[:, None], previous_input[:, None]], -1) @ self.w_input
+            + self.b_input
         )[:, 0]
         return forget * theta - learning_rate * gradient, forget, learning_rate
 
@@ -434,7 +445,9 @@ class MetaLSTMLearner(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(theta)
             loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(y, self.learner_logits(theta, x), from_logits=True)
+                keras.losses.sparse_categorical_crossentropy(
+                    y, self.learner_logits(theta, x), from_logits=True
+                )
             )
         return loss, tape.gradient(loss, theta)
 
@@ -482,7 +495,9 @@ class MetaLSTMLearner(keras.Model):
     def predict_episode(self, support_x, support_y, query_x):
         """Logits (num_query, ways) after learning the support set."""
         if int(np.max(support_y)) + 1 != self.ways:
-            raise ValueError(f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways")
+            raise ValueError(
+                f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways"
+            )
         return self._predict(
             tf.convert_to_tensor(support_x, tf.float32),
             tf.convert_to_tensor(support_y, tf.int32),
@@ -493,7 +508,9 @@ class MetaLSTMLearner(keras.Model):
         (support_x, support_y, query_x), query_y = data
         batched = len(support_x.shape) == 5
         if not batched:
-            support_x, support_y, query_x, query_y = (t[None] for t in (support_x, support_y, query_x, query_y))
+            support_x, support_y, query_x, query_y = (
+                t[None] for t in (support_x, support_y, query_x, query_y)
+            )
         tasks = support_x.shape[0]
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
@@ -502,11 +519,18 @@ class MetaLSTMLearner(keras.Model):
                 logits = self((support_x[i], support_y[i], query_x[i]))
                 losses.append(
                     tf.reduce_mean(
-                        keras.losses.sparse_categorical_crossentropy(query_y[i], logits, from_logits=True)
+                        keras.losses.sparse_categorical_crossentropy(
+                            query_y[i], logits, from_logits=True
+                        )
                     )
                 )
                 accuracies.append(
-                    tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), query_y[i]), tf.float32))
+                    tf.reduce_mean(
+                        tf.cast(
+                            tf.equal(tf.argmax(logits, -1, output_type=tf.int32), query_y[i]),
+                            tf.float32,
+                        )
+                    )
                 )
             loss = tf.add_n(losses) / tasks
         grads = tape.gradient(loss, variables)
@@ -545,7 +569,9 @@ class FineTuner:
     def _loss(self, weights, x, y):
         non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         logits, _ = self.learner.stateless_call(weights, non_trainable, x, training=True)
-        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        return tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
 
     @tf.function(reduce_retracing=True)
     def _predict(self, support_x, support_y, query_x):
@@ -563,7 +589,9 @@ class FineTuner:
     def predict_episode(self, support_x, support_y, query_x):
         """Logits (num_query, ways) after fine-tuning on the support set."""
         if int(np.max(support_y)) + 1 != self.ways:
-            raise ValueError(f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways")
+            raise ValueError(
+                f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways"
+            )
         return self._predict(
             tf.convert_to_tensor(support_x, tf.float32),
             tf.convert_to_tensor(support_y, tf.int32),

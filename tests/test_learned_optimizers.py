@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from bookcode import learned_optimizers as lo
 
-
 # -- preprocessing -----------------------------------------------------------
 
 
@@ -220,7 +219,9 @@ def test_meta_lstm_shapes_and_gates():
 
 def test_meta_lstm_with_frozen_encoder():
     keras.utils.set_random_seed(0)
-    encoder = keras.Sequential([keras.Input((12, 12, 1)), keras.layers.Conv2D(3, 3, padding="same")])
+    encoder = keras.Sequential(
+        [keras.Input((12, 12, 1)), keras.layers.Conv2D(3, 3, padding="same")]
+    )
     learner = lo.small_convnet(3, filters=4, blocks=1, input_shape=(12, 12, 3))
     model = lo.MetaLSTMLearner(learner, steps=2, hidden_size=6, encoder=encoder)
     sx, sy, qx, _ = _episode()
@@ -251,7 +252,9 @@ def test_meta_lstm_meta_gradients_reach_init_lstm_and_gates():
     sx, sy, qx, qy = _episode()
     with tf.GradientTape() as tape:
         logits = model((sx, tf.constant(sy, tf.int32), qx))
-        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(qy, logits, from_logits=True))
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(qy, logits, from_logits=True)
+        )
     grads = tape.gradient(loss, model.trainable_variables)
     names = [v.path for v in model.trainable_variables]
     missing = [n for n, g in zip(names, grads) if g is None or float(tf.reduce_sum(tf.abs(g))) == 0]
