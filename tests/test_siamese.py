@@ -9,6 +9,7 @@ from bookcode.episodes import ClassDataset, EpisodeSampler, PairSampler
 from bookcode.evaluation import evaluate
 from bookcode.metric import (
     SiameseNetwork,
+    all_pairs_contrastive_loss,
     best_threshold,
     contrastive_loss,
     euclidean_distance,
@@ -47,6 +48,50 @@ def test_label_convention_same_is_one():
     np.testing.assert_allclose(contrastive_loss([1.0, 0.0], tf.zeros(2), margin=3.0), [0, 4.5])
     with pytest.raises(ValueError, match="margin"):
         contrastive_loss([1.0], tf.ones(1), margin=0)
+
+
+def test_all_pairs_contrastive_loss_hand_computed():
+    # Points on a line: classes 0, 0, 1 at 0.0, 0.5, 2.0 (2-d embeddings).
+    embeddings = tf.constant([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+    labels = tf.constant([0, 0, 1])
+    # One same pair (D = 0.5): 0.125. Two different pairs, D = 2.0 and 1.5:
+    # with margin 1 both cost 0; with margin 2, (2 - 2)^2/2 = 0 and 0.5^2/2 = 0.125.
+    np.testing.assert_allclose(all_pairs_contrastive_loss(labels, embeddings), 0.125, rtol=1e-5)
+    np.testing.assert_allclose(
+        all_pairs_contrastive_loss(labels, embeddings, margin=2.0), 0.125 + 0.0625, rtol=1e-5
+    )
+    # Order does not matter, and a pair is never compared with itself.
+    perm = [2, 0, 1]
+    np.testing.assert_allclose(
+        all_pairs_contrastive_loss(tf.gather(labels, perm), tf.gather(embeddings, perm)),
+        0.125,
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError):
+        all_pairs_contrastive_loss(labels, embeddings, margin=0.0)
+
+
+def test_fit_on_episodes_uses_every_pair():
+    """fit() on the episode sampler trains on all pairs of each episode and
+    lowers that loss (contrastive and L1 heads)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 6))
+    x = (np.repeat(centres, 6, axis=0) + 0.3 * rng.normal(size=(48, 6))).astype("float32")
+    data = ClassDataset(x, np.repeat(np.arange(8), 6), [str(i) for i in range(8)])
+    for head in ("contrastive", "l1"):
+        keras.utils.set_random_seed(0)
+        embedding = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+        model = SiameseNetwork(embedding, head=head)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        sampler = EpisodeSampler(data, ways=4, shots=2, queries=2, seed=0)
+        history = model.fit(sampler.tf_dataset(), steps_per_epoch=20, epochs=3, verbose=0)
+        losses = history.history["loss"]
+        assert np.isfinite(losses).all() and losses[-1] < losses[0], (head, losses)
+        episode = sampler.sample()
+        x_all = np.concatenate([episode.support_x, episode.query_x])
+        y_all = np.concatenate([episode.support_y, episode.query_y])
+        loss = model.all_pairs_loss(tf.constant(y_all), model.embedding(x_all))
+        assert loss.shape == () and np.isfinite(float(loss))
 
 
 def test_euclidean_distance():

@@ -3,6 +3,7 @@ by its distances to the support set (chapters 2-4)."""
 
 from .siamese import (  # noqa: E402
     SiameseNetwork,
+    all_pairs_contrastive_loss,
     best_threshold,
     contrastive_loss,
     euclidean_distance,

@@ -50,6 +50,44 @@ def contrastive_loss(same, distance, margin: float = 1.0):
     return same * pull + (1.0 - same) * push
 
 
+def all_pairs_contrastive_loss(labels, embeddings, margin: float = 1.0):
+    """Contrastive loss over every pair of a batch (Hadsell et al. 2006).
+
+    ``labels``: (batch,) integer classes; ``embeddings``: (batch, dim). Each
+    of the batch*(batch-1)/2 pairs is a same pair (equal labels) or a
+    different pair; the result is the mean loss of the same pairs plus the
+    mean loss of the different pairs, so both count equally however many of
+    each the batch holds. A batch of P classes x K examples gives
+    P*K*(K-1)/2 same pairs and far more different ones from only P*K
+    embeddings: the data is used much more efficiently than independent pairs.
+    """
+    if margin <= 0:
+        raise ValueError(f"margin must be positive, got {margin}")
+    same, distance, valid = _all_pairs(labels, embeddings)
+    losses = contrastive_loss(same, distance, margin)
+    return _balanced_mean(losses, same, valid)
+
+
+def _all_pairs(labels, embeddings):
+    """Labels, distances and a mask of the pairs i < j: each (batch, batch)."""
+    labels = tf.reshape(labels, [-1])
+    n = tf.shape(labels)[0]
+    same = tf.cast(tf.equal(labels[:, None], labels[None, :]), embeddings.dtype)
+    squared = tf.reduce_sum(tf.square(embeddings[:, None] - embeddings[None, :]), axis=-1)
+    distance = tf.sqrt(squared + 1e-9)
+    valid = tf.linalg.band_part(tf.ones((n, n), embeddings.dtype), 0, -1) - tf.eye(
+        n, dtype=embeddings.dtype
+    )
+    return same, distance, valid
+
+
+def _balanced_mean(losses, same, valid):
+    positive, negative = same * valid, (1.0 - same) * valid
+    mean_positive = tf.reduce_sum(losses * positive) / tf.maximum(tf.reduce_sum(positive), 1.0)
+    mean_negative = tf.reduce_sum(losses * negative) / tf.maximum(tf.reduce_sum(negative), 1.0)
+    return mean_positive + mean_negative
+
+
 @keras.saving.register_keras_serializable(package="bookcode")
 class SiameseNetwork(keras.Model):
     """A Siamese network over pairs, for verification and one-shot learning.
@@ -131,7 +169,53 @@ class SiameseNetwork(keras.Model):
         )
         return {m.name: m.result() for m in self.metrics}
 
+    def all_pairs_loss(self, labels, embeddings):
+        """Balanced loss over every pair of a labelled batch (batch,), (batch, dim):
+        mean over same pairs + mean over different pairs, with this network's head."""
+        if self.head == "contrastive":
+            return all_pairs_contrastive_loss(labels, embeddings, self.margin)
+        same, _, valid = _all_pairs(labels, embeddings)
+        n = tf.shape(embeddings)[0]
+        scores = self.score_embeddings(
+            tf.repeat(embeddings, n, axis=0), tf.tile(embeddings, [n, 1])
+        )
+        losses = tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=same, logits=tf.reshape(scores, (n, n))
+        )
+        return _balanced_mean(losses, same, valid)
+
+    def _train_all_pairs(self, data):
+        # An episode ((support_x, support_y, query_x), query_y) of the episode
+        # sampler, used as one labelled batch: every pair in it is a training pair.
+        (support_x, support_y, query_x), query_y = data
+        x = tf.concat([support_x, query_x], axis=0)
+        labels = tf.concat([support_y, query_y], axis=0)
+        with tf.GradientTape() as tape:
+            embeddings = self.embedding(x, training=True)
+            loss = self.all_pairs_loss(labels, embeddings)
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        # Pair accuracy over all pairs at the default threshold.
+        same, _, valid = _all_pairs(labels, embeddings)
+        n = tf.shape(embeddings)[0]
+        scores = tf.reshape(
+            self.score_embeddings(tf.repeat(embeddings, n, axis=0), tf.tile(embeddings, [n, 1])),
+            (n, n),
+        )
+        correct = tf.cast(
+            tf.equal(tf.cast(scores > self.default_threshold(), same.dtype), same), same.dtype
+        )
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(tf.reduce_sum(correct * valid) / tf.reduce_sum(valid))
+        return {m.name: m.result() for m in self.metrics}
+
     def train_step(self, data):
+        """One step on a batch of pairs ``((left, right), same)`` from
+        :class:`~bookcode.episodes.PairSampler`, or on every pair of an episode
+        ``((support_x, support_y, query_x), query_y)`` from
+        :class:`~bookcode.episodes.EpisodeSampler` (see :meth:`all_pairs_loss`)."""
+        if len(data[0]) == 3:
+            return self._train_all_pairs(data)
         (left, right), same = data
         with tf.GradientTape() as tape:
             scores = self((left, right), training=True)
