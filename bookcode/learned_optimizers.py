@@ -494,15 +494,7 @@ class MetaLSTMLearner(keras.Model):
 
     def predict_episode(self, support_x, support_y, query_x):
         """Logits (num_query, ways) after learning the support set."""
-        if int(np.max(support_y)) + 1 != self.ways:
-            raise ValueError(
-                f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways"
-            )
-        return self._predict(
-            tf.convert_to_tensor(support_x, tf.float32),
-            tf.convert_to_tensor(support_y, tf.int32),
-            tf.convert_to_tensor(query_x, tf.float32),
-        ).numpy()
+        return _compiled_episode_logits(self, support_x, support_y, query_x)
 
     def train_step(self, data):
         (support_x, support_y, query_x), query_y = data
@@ -588,12 +580,17 @@ class FineTuner:
 
     def predict_episode(self, support_x, support_y, query_x):
         """Logits (num_query, ways) after fine-tuning on the support set."""
-        if int(np.max(support_y)) + 1 != self.ways:
-            raise ValueError(
-                f"the learner has {self.ways} outputs but the episode has {int(np.max(support_y)) + 1} ways"
-            )
-        return self._predict(
-            tf.convert_to_tensor(support_x, tf.float32),
-            tf.convert_to_tensor(support_y, tf.int32),
-            tf.convert_to_tensor(query_x, tf.float32),
-        ).numpy()
+        return _compiled_episode_logits(self, support_x, support_y, query_x)
+
+
+def _compiled_episode_logits(learner, support_x, support_y, query_x):
+    """Run ``learner._predict`` (a compiled function) on one episode, checking
+    that the episode has as many ways as the learner has outputs."""
+    ways = int(np.max(support_y)) + 1
+    if ways != learner.ways:
+        raise ValueError(f"the learner has {learner.ways} outputs but the episode has {ways} ways")
+    return learner._predict(
+        tf.convert_to_tensor(support_x, tf.float32),
+        tf.convert_to_tensor(support_y, tf.int32),
+        tf.convert_to_tensor(query_x, tf.float32),
+    ).numpy()
