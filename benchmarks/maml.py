@@ -32,7 +32,7 @@ WORKLOADS = {
 }
 
 
-def run_one(name: str, iterations: int, parallel_tasks: int, filters: int) -> dict:
+def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast: bool) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -41,10 +41,15 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int) -> di
     from bookcode.nets import conv4
 
     cfg = WORKLOADS[name]
+    # --fast: bfloat16 convolutions (AMX), and for first order only TensorFlow's
+    # fused batch norm (its second derivatives are wrong; bookcode.meta refuses it)
+    fused = fast and cfg["first_order"]
+    if fast:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
     ways, shots, queries, b = 5, 1, 15, cfg["batch"]
     maml = meta.MAML(
-        conv4(filters=filters, num_classes=ways),
+        conv4(filters=filters, num_classes=ways, fused_batch_norm=fused),
         inner_lr=0.4,
         inner_steps=cfg["steps"],
         first_order=cfg["first_order"],
@@ -77,6 +82,7 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int) -> di
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rss_before_mb": round(rss_before / 1024),
         "parallel_tasks": parallel_tasks,
+        "fast": fast,
     }
 
 
@@ -86,16 +92,24 @@ def main():
     parser.add_argument("--parallel-tasks", type=int, default=4)
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument(
+        "--fast", action="store_true", help="fused batch norm and mixed_bfloat16 (CPUs with AMX)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.iterations, args.parallel_tasks, args.filters)))
+        print(
+            json.dumps(
+                run_one(args.child, args.iterations, args.parallel_tasks, args.filters, args.fast)
+            )
+        )
         return
     print(f"cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}")
     for name in args.workloads:
         out = subprocess.run(
             [sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),
-             "--parallel-tasks", str(args.parallel_tasks), "--filters", str(args.filters)],
+             "--parallel-tasks", str(args.parallel_tasks), "--filters", str(args.filters)]
+            + ["--fast"] * args.fast,
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         print(out.stdout.strip().splitlines()[-1], flush=True)

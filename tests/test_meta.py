@@ -230,3 +230,14 @@ def test_maml_learns_sine_regression_quickly():
     assert "mse" in history.history
     after = mse_after(1)
     assert after < 0.5 * before, (before, after)
+
+
+def test_fused_batch_norm_is_refused_for_second_order():
+    from bookcode.nets import conv4
+
+    fused = conv4(input_shape=(16, 16, 1), filters=2, num_classes=2, fused_batch_norm=True)
+    with pytest.raises(ValueError, match="FusedBatchNormalization"):
+        meta.MAML(fused, inner_lr=0.1, first_order=False)
+    learner = meta.MAML(fused, inner_lr=0.1, first_order=True)
+    with pytest.raises(ValueError, match="first_order=True"):
+        learner.first_order = False
