@@ -7,6 +7,35 @@ from keras import layers
 
 
 @keras.saving.register_keras_serializable(package="bookcode")
+class BatchNormalization(layers.BatchNormalization):
+    """Keras batch normalisation with batch statistics that are exact to
+    second order.
+
+    TensorFlow's ``tf.nn.moments`` (behind Keras's layer) stops the gradient
+    of the mean inside the variance. That term sums to zero in first
+    derivatives, so ordinary training is unaffected, but second-order MAML
+    (Finn et al. 2017) through it is off: 0.45% relative error against finite
+    differences on a tiny network (``tests/test_meta.py``). Here the variance
+    is the plain mean of squared deviations, differentiable all the way.
+    """
+
+    def _moments(self, inputs, mask):
+        if mask is not None or self.synchronized:
+            return super()._moments(inputs, mask)
+        from keras import ops
+
+        half = inputs.dtype in ("float16", "bfloat16")
+        x = ops.cast(inputs, "float32") if half else inputs
+        axes = self._reduction_axes
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        variance = ops.mean(ops.square(x - mean), axis=axes)
+        mean = ops.squeeze(mean, axis=axes)
+        if half:
+            mean, variance = ops.cast(mean, inputs.dtype), ops.cast(variance, inputs.dtype)
+        return mean, variance
+
+
+@keras.saving.register_keras_serializable(package="bookcode")
 class FusedBatchNormalization(layers.BatchNormalization):
     """``BatchNormalization`` computed by TensorFlow's fused kernel for 4-D
     channels-last inputs: same variables and results, 2-3x faster training on
@@ -48,7 +77,7 @@ def conv_block(
     batch_norm_momentum: float = 0.99,
 ) -> keras.Sequential:
     """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling."""
-    norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
+    norm = FusedBatchNormalization if fused_batch_norm else BatchNormalization
     return keras.Sequential(
         [
             layers.Conv2D(filters, 3, padding="same"),

@@ -7,15 +7,18 @@ import tensorflow as tf
 
 from bookcode import meta
 from bookcode.datasets import Sinusoids
-from bookcode.nets import conv4
+from bookcode.nets import BatchNormalization, conv4
 
 
-def tiny_net(dtype="float64", inputs=2, outputs=3, seed=0):
+def tiny_net(dtype="float64", inputs=2, outputs=3, seed=0, batch_norm=False):
     keras.utils.set_random_seed(seed)
+    norm = [BatchNormalization(dtype=dtype)] if batch_norm else []
     return keras.Sequential(
         [
             keras.Input((inputs,), dtype=dtype),
-            keras.layers.Dense(4, activation="tanh", dtype=dtype),
+            keras.layers.Dense(4, dtype=dtype),
+            *norm,
+            keras.layers.Activation("tanh", dtype=dtype),
             keras.layers.Dense(outputs, dtype=dtype),
         ]
     )
@@ -43,9 +46,9 @@ def batched(task):
     return [tf.constant(a[None]) for a in task]
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_second_order_meta_gradient_matches_finite_differences(steps):
-    model = tiny_net()
+@pytest.mark.parametrize("steps, batch_norm", [(1, False), (2, False), (2, True)])
+def test_second_order_meta_gradient_matches_finite_differences(steps, batch_norm):
+    model = tiny_net(batch_norm=batch_norm)
     maml = meta.MAML(model, inner_lr=0.5, inner_steps=steps)
     task = tiny_task()
     _, _, grads = maml.task_gradients(*batched(task))
@@ -233,7 +236,7 @@ def test_maml_learns_sine_regression_quickly():
 
 
 def test_fused_batch_norm_is_refused_for_second_order():
-    from bookcode.nets import conv4
+    from bookcode.nets import BatchNormalization, conv4
 
     fused = conv4(input_shape=(16, 16, 1), filters=2, num_classes=2, fused_batch_norm=True)
     with pytest.raises(ValueError, match="FusedBatchNormalization"):
