@@ -53,7 +53,7 @@ class ClassDataset:
         """Positions in ``x`` of the examples of class ``label``."""
         return self._indices[label]
 
-    def where(self, mask) -> "ClassDataset":
+    def where(self, mask) -> ClassDataset:
         """The examples where ``mask`` is true; classes left empty are dropped
         and the remaining ones renumbered ``0..``."""
         mask = np.asarray(mask, dtype=bool)
@@ -69,7 +69,7 @@ class ClassDataset:
             metadata={k: v[mask] for k, v in self.metadata.items()},
         )
 
-    def classes(self, labels) -> "ClassDataset":
+    def classes(self, labels) -> ClassDataset:
         """The sub-dataset of the given class labels (renumbered in that order)."""
         labels = np.asarray(labels)
         bad = labels[(labels < 0) | (labels >= self.num_classes)]

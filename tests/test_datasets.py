@@ -2,9 +2,9 @@
 on archives served from this machine."""
 
 import functools
-import importlib
 import hashlib
 import http.server
+import importlib
 import io
 import os
 import threading
@@ -18,12 +18,12 @@ import pytest
 from bookcode.datasets import (
     CorruptDownloadError,
     DatasetNotFoundError,
+    _files,
     att_faces,
     download_and_extract,
     omniglot,
     spoken_digits,
 )
-from bookcode.datasets import _files
 from bookcode.datasets.omniglot import vinyals_split_of
 
 # the module, not the function of the same name that bookcode.datasets exports

@@ -236,8 +236,6 @@ def test_maml_learns_sine_regression_quickly():
 
 
 def test_fused_batch_norm_is_refused_for_second_order():
-    from bookcode.nets import BatchNormalization, conv4
-
     fused = conv4(input_shape=(16, 16, 1), filters=2, num_classes=2, fused_batch_norm=True)
     with pytest.raises(ValueError, match="FusedBatchNormalization"):
         meta.MAML(fused, inner_lr=0.1, first_order=False)

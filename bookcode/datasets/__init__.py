@@ -11,10 +11,10 @@ __all__ = [
     "ENV_VAR",
     "CorruptDownloadError",
     "DatasetNotFoundError",
+    "SineTask",
+    "Sinusoids",
     "att_faces",
     "download_and_extract",
     "omniglot",
-    "SineTask",
-    "Sinusoids",
     "spoken_digits",
 ]

@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ..episodes import ClassDataset
-from ._files import ENV_VAR, DatasetNotFoundError, atomic_save_npz, cache_dir, download_and_extract, find
+from ._files import (
+    ENV_VAR,
+    DatasetNotFoundError,
+    atomic_save_npz,
+    cache_dir,
+    download_and_extract,
+    find,
+)
 
 URLS = {
     "background": (

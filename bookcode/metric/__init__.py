@@ -1,7 +1,16 @@
 """Metric-based few-shot learners: they embed examples and classify a query
 by its distances to the support set (chapters 2-4)."""
 
-from .siamese import (  # noqa: E402
+from .prototypical import (
+    GaussianPrototypicalNetwork,
+    PrototypicalNetwork,
+    SemiSupervisedPrototypicalNetwork,
+    class_prototypes,
+    mahalanobis_distance,
+    soft_kmeans_refinement,
+    squared_euclidean_distance,
+)
+from .siamese import (
     SiameseNetwork,
     all_pairs_contrastive_loss,
     best_threshold,
@@ -12,12 +21,20 @@ from .siamese import (  # noqa: E402
     verification_accuracy,
 )
 
-from .prototypical import (
-    GaussianPrototypicalNetwork,
-    PrototypicalNetwork,
-    SemiSupervisedPrototypicalNetwork,
-    class_prototypes,
-    mahalanobis_distance,
-    soft_kmeans_refinement,
-    squared_euclidean_distance,
-)
+__all__ = [
+    "GaussianPrototypicalNetwork",
+    "PrototypicalNetwork",
+    "SemiSupervisedPrototypicalNetwork",
+    "SiameseNetwork",
+    "all_pairs_contrastive_loss",
+    "best_threshold",
+    "class_prototypes",
+    "contrastive_loss",
+    "euclidean_distance",
+    "mahalanobis_distance",
+    "roc_auc",
+    "roc_curve",
+    "soft_kmeans_refinement",
+    "squared_euclidean_distance",
+    "verification_accuracy",
+]
