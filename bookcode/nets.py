@@ -70,20 +70,37 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
+def fast_precision() -> str:
+    """The Keras dtype policy that trains convolutions fastest here:
+    ``"mixed_bfloat16"`` on CPUs with bfloat16 matrix units (x86 AMX or
+    AVX512-BF16; 2-3x faster convolutions), else ``"float32"``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "float32"
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return "float32"
+    return "mixed_bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
+
+
 def conv_block(
     filters: int,
     name: str | None = None,
     fused_batch_norm: bool = False,
     batch_norm_momentum: float = 0.99,
+    dtype=None,
 ) -> keras.Sequential:
     """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling."""
     norm = FusedBatchNormalization if fused_batch_norm else BatchNormalization
     return keras.Sequential(
         [
-            layers.Conv2D(filters, 3, padding="same"),
-            norm(momentum=batch_norm_momentum),
-            layers.ReLU(),
-            layers.MaxPooling2D(2),
+            layers.Conv2D(filters, 3, padding="same", dtype=dtype),
+            norm(momentum=batch_norm_momentum, dtype=dtype),
+            layers.ReLU(dtype=dtype),
+            layers.MaxPooling2D(2, dtype=dtype),
         ],
         name=name,
     )
@@ -96,6 +113,7 @@ def conv4(
     name: str = "conv4",
     fused_batch_norm: bool = False,
     batch_norm_momentum: float = 0.99,
+    dtype=None,
 ) -> keras.Sequential:
     """The Conv-4 backbone of few-shot learning (Vinyals et al. 2016; Snell et
     al. 2017; Finn et al. 2017): four blocks of [3x3 conv ``filters``, batch
@@ -103,15 +121,17 @@ def conv4(
     ``filters`` dimensions. With ``num_classes`` a dense head gives logits.
     ``fused_batch_norm=True`` uses :class:`FusedBatchNormalization` (faster
     on CPU); ``batch_norm_momentum=0.9`` matches PyTorch's default, whose
-    moving averages settle within a short training run.
+    moving averages settle within a short training run. ``dtype`` is a
+    Keras dtype policy for every layer (e.g. :func:`fast_precision`), default
+    the global one.
     """
     model = keras.Sequential(name=name)
     model.add(keras.Input(shape=input_shape))
     for i in range(4):
         model.add(
-            conv_block(filters, f"block{i + 1}", fused_batch_norm, batch_norm_momentum)
+            conv_block(filters, f"block{i + 1}", fused_batch_norm, batch_norm_momentum, dtype)
         )
-    model.add(layers.Flatten())
+    model.add(layers.Flatten(dtype=dtype))
     if num_classes is not None:
-        model.add(layers.Dense(num_classes, name="logits"))
+        model.add(layers.Dense(num_classes, name="logits", dtype=dtype))
     return model

@@ -15,6 +15,19 @@ def test_conv4_embedding_and_head_shapes():
     assert head.count_params() > 0
 
 
+def test_conv4_dtype_policy_and_weight_transfer_between_batch_norms():
+    mixed = nets.conv4(filters=8, num_classes=5, fused_batch_norm=True, dtype="mixed_bfloat16")
+    x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype(np.float32)
+    assert mixed(x).dtype.name == "bfloat16"
+    assert all(v.dtype == "float32" for v in mixed.weights)  # variables stay in full precision
+    exact = nets.conv4(filters=8, num_classes=5)  # same variables, composite batch norm
+    exact.set_weights(mixed.get_weights())
+    fused = nets.conv4(filters=8, num_classes=5, fused_batch_norm=True)
+    fused.set_weights(mixed.get_weights())
+    np.testing.assert_allclose(exact(x, training=True), fused(x, training=True), atol=1e-4)
+    assert nets.fast_precision() in ("float32", "mixed_bfloat16")
+
+
 def test_profile_switch(monkeypatch):
     monkeypatch.delenv(notebook.PROFILE_VAR, raising=False)
     assert notebook.profile() == "quick"
