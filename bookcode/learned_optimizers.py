@@ -87,6 +87,114 @@ def quadratic_loss_and_gradient(w, y, theta):
 
 
 # ----------------------------------------------------------------------------
+# Small MLP optimisees (the paper's second experiment: a 1-hidden-layer network)
+# ----------------------------------------------------------------------------
+
+
+def init_mlp_parameters(num_tasks: int, inputs: int, hidden: int, classes: int, seed: int = 0):
+    """Glorot-uniform weights and zero biases (Keras ``Dense`` defaults) of
+    ``num_tasks`` MLPs ``inputs -> hidden (sigmoid) -> classes``, as a dict
+    ``{"w1": (n, inputs, hidden), "b1": (n, hidden), "w2": (n, hidden, classes),
+    "b2": (n, classes)}`` of float32 arrays."""
+    if min(num_tasks, inputs, hidden, classes) < 1:
+        raise ValueError("num_tasks, inputs, hidden and classes must be positive")
+    rng = np.random.default_rng(seed)
+
+    def glorot(fan_in, fan_out):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, (num_tasks, fan_in, fan_out)).astype(np.float32)
+
+    return {
+        "w1": glorot(inputs, hidden),
+        "b1": np.zeros((num_tasks, hidden), np.float32),
+        "w2": glorot(hidden, classes),
+        "b2": np.zeros((num_tasks, classes), np.float32),
+    }
+
+
+def mlp_loss(params, x, y):
+    """Mean cross-entropy of a batch of MLPs (see :func:`init_mlp_parameters`),
+    each on its own minibatch: ``x`` (n, m, inputs), ``y`` (n, m) -> (n,)."""
+    hidden = tf.sigmoid(tf.einsum("nmi,nih->nmh", x, params["w1"]) + params["b1"][:, None])
+    logits = tf.einsum("nmh,nhc->nmc", hidden, params["w2"]) + params["b2"][:, None]
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits),
+        axis=-1,
+    )
+
+
+MLP_PARAMETERS = ("w1", "b1", "w2", "b2")
+
+
+def _flatten_tasks(params):
+    """dict of (n, ...) -> (n, P) and the per-tensor shapes (without n)."""
+    shapes = [tuple(params[k].shape[1:]) for k in MLP_PARAMETERS]
+    n = tf.shape(params["w1"])[0]
+    flat = tf.concat([tf.reshape(params[k], (n, -1)) for k in MLP_PARAMETERS], axis=1)
+    return flat, shapes
+
+
+def _unflatten_tasks(flat, shapes):
+    sizes = [int(np.prod(s)) for s in shapes]
+    n = tf.shape(flat)[0]
+    parts = tf.split(flat, sizes, axis=1)
+    return {k: tf.reshape(p, (n, *s)) for k, p, s in zip(MLP_PARAMETERS, parts, shapes)}
+
+
+def mlp_tasks(
+    dataset,
+    num_tasks: int,
+    steps: int,
+    batch_size: int = 128,
+    ways: int = 10,
+    classes_per_label: int = 1,
+    hidden: int = 20,
+    seed: int = 0,
+):
+    """Random classification problems for meta-training an optimiser on MLPs.
+
+    Each task draws ``ways * k`` classes of ``dataset`` (a ClassDataset of
+    feature vectors, e.g. pooled Omniglot images), with ``k =
+    classes_per_label`` (or drawn uniformly from ``(low, high)`` per task),
+    and merges every ``k`` of them into one label (so a label is a mixed
+    group of characters, like a spoken digit said by many speakers), then
+    standardises the features over the task's examples and draws one
+    minibatch of ``batch_size`` examples per step (without replacement inside
+    a minibatch). Returns the dict ``{"x": (n, steps, batch, d), "y": (n, steps,
+    batch), "w1", "b1", "w2", "b2"}`` with a fresh Glorot initialisation of an
+    MLP ``d -> hidden -> ways`` per task: the input of ``LSTMOptimizer.fit``,
+    :meth:`LSTMOptimizer.optimize_mlps` and :func:`optimize_mlps_with`.
+    """
+    if np.isscalar(classes_per_label):
+        classes_per_label = (classes_per_label, classes_per_label)
+    low, high = classes_per_label
+    if min(num_tasks, steps, batch_size, ways, low) < 1 or high < low:
+        raise ValueError(
+            "num_tasks, steps, batch_size, ways and classes_per_label must be positive"
+        )
+    if ways * high > dataset.num_classes:
+        raise ValueError(
+            f"a task needs {ways * high} classes; the dataset has {dataset.num_classes}"
+        )
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for _ in range(num_tasks):
+        group = int(rng.integers(low, high + 1))
+        classes = rng.choice(dataset.num_classes, ways * group, replace=False)
+        task = dataset.classes(classes)
+        x = task.x.reshape(len(task.x), -1).astype(np.float32)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        y = np.asarray(task.y) // group
+        index = np.stack(
+            [rng.choice(len(x), batch_size, replace=len(x) < batch_size) for _ in range(steps)]
+        )
+        xs.append(x[index])
+        ys.append(y[index])
+    params = init_mlp_parameters(num_tasks, xs[0].shape[-1], hidden, ways, seed=seed + 1)
+    return {"x": np.stack(xs), "y": np.stack(ys).astype(np.int32), **params}
+
+
+# ----------------------------------------------------------------------------
 # The coordinatewise LSTM optimiser
 # ----------------------------------------------------------------------------
 
@@ -104,7 +212,9 @@ class LSTMOptimizer(keras.Model):
     variables)`` use it like a Keras optimiser on any model's variables.
 
     Meta-training (``fit`` on :func:`random_quadratics` batches ``(W, y,
-    theta0)``): each batch is optimised for ``truncations * unroll`` steps; after
+    theta0)``, or on batches of small-MLP classification tasks, the dict of
+    :func:`mlp_tasks`, as in the paper's MNIST experiment): each batch is
+    optimised for ``truncations * unroll`` steps; after
     every ``unroll`` steps the meta-loss (the mean of ``log f`` over those steps,
     see ``log_loss``) is backpropagated through the unroll and the LSTM is
     updated (truncated backpropagation through time). As in the paper the
@@ -231,35 +341,60 @@ class LSTMOptimizer(keras.Model):
         return tf.math.log(f + 1e-12) if self.log_loss else f
 
     def train_step(self, data):
-        w, y, theta = data
-        n, d = tf.shape(theta)[0], tf.shape(theta)[1]
-        state = self.initial_state(n * d)
-        variables = self.trainable_variables
-        for _ in range(self.truncations):
-            with tf.GradientTape() as tape:
-
-                def one_step(t, theta, state, total):
-                    _, gradient = quadratic_loss_and_gradient(w, y, theta)
-                    update, state = self.step(tf.reshape(tf.stop_gradient(gradient), (-1,)), state)
-                    theta = theta + tf.reshape(update, (n, d))
-                    total += tf.reduce_mean(self._segment_loss(quadratic_loss(w, y, theta)))
-                    return t + 1, theta, state, total
-
-                _, theta, state, total = tf.while_loop(
-                    lambda t, *_: t < self.unroll, one_step, (0, theta, state, tf.zeros(()))
-                )
-                meta_loss = total / self.unroll
-            grads = tape.gradient(meta_loss, variables)
-            grads, _ = tf.clip_by_global_norm(grads, 1.0)
-            self.optimizer.apply(grads, variables)
-            theta = tf.stop_gradient(theta)
-            state = tf.nest.map_structure(tf.stop_gradient, state)
+        """One meta-training step on a batch of problems: quadratics ``(W, y,
+        theta0)`` (:func:`random_quadratics`) or MLP tasks (the dict of
+        :func:`mlp_tasks`)."""
+        if isinstance(data, dict):
+            problem = {"x": data["x"], "y": data["y"]}
+            theta, shapes = _flatten_tasks(data)
+        else:
+            problem = {"w": data[0], "y": data[1]}
+            theta, shapes = data[2], None
+        n, p = tf.shape(theta)[0], tf.shape(theta)[1]
+        state = self.initial_state(n * p)
+        for k in range(self.truncations):
+            # one compiled function per truncation: traced once, called k times
+            theta, state, meta_loss = self._truncation(
+                problem, theta, state, tf.constant(k * self.unroll), shapes
+            )
             self.meta_loss_tracker.update_state(meta_loss)
-        final = quadratic_loss(w, y, theta)
+        final = _problem_loss(problem, theta, shapes, self.truncations * self.unroll - 1)
         self.final_loss_tracker.update_state(
             tf.reduce_mean(tf.math.log(final + 1e-12)) / math.log(10)
         )
         return {m.name: m.result() for m in self.metrics}
+
+    @tf.function(reduce_retracing=True)
+    def _truncation(self, problem, theta, state, offset, shapes):
+        """``unroll`` learned steps from ``theta`` (n, P), then one Adam step on
+        the LSTM's weights from the meta-loss of those steps (truncated BPTT)."""
+        n, p = tf.shape(theta)[0], tf.shape(theta)[1]
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+
+            def one_step(t, theta, state, total):
+                gradient = _problem_gradient(problem, tf.stop_gradient(theta), shapes, offset + t)
+                update, state = self.step(tf.reshape(gradient, (-1,)), state)
+                theta = theta + tf.reshape(update, (n, p))
+                loss = _problem_loss(problem, theta, shapes, offset + t)
+                return t + 1, theta, state, total + tf.reduce_mean(self._segment_loss(loss))
+
+            _, theta, state, total = tf.while_loop(
+                lambda t, *_: t < self.unroll, one_step, (0, theta, state, tf.zeros(()))
+            )
+            meta_loss = total / self.unroll
+        grads = tape.gradient(meta_loss, variables)
+        grads, _ = tf.clip_by_global_norm(grads, 1.0)
+        self.optimizer.apply(grads, variables)
+        state = tf.nest.map_structure(tf.stop_gradient, state)
+        return tf.stop_gradient(theta), state, meta_loss
+
+    def optimize_mlps(self, tasks, steps: int | None = None):
+        """Run the learned optimiser on a batch of MLP tasks (:func:`mlp_tasks`);
+        returns the minibatch loss after every step, (steps, n)."""
+        steps = tasks["x"].shape[1] if steps is None else steps
+        tasks = {k: tf.constant(v) for k, v in tasks.items()}
+        return _optimize_mlps(self, tasks, steps).numpy()
 
     @property
     def metrics(self):
@@ -278,6 +413,70 @@ def _optimize_quadratics(optimizer, w, y, theta, steps):
         theta = theta + tf.reshape(update, (n, d))
         losses = losses.write(t + 1, quadratic_loss(w, y, theta))
     return losses.stack()
+
+
+def _problem_gradient(problem, theta, shapes, t):
+    """Gradient (n, P) at step ``t`` of a batch of quadratics (``"w"`` in
+    ``problem``) or of MLP tasks (on their minibatch ``t``). As in the paper
+    it is an input to the optimiser: no second derivatives."""
+    if "w" in problem:
+        gradient = quadratic_loss_and_gradient(problem["w"], problem["y"], theta)[1]
+    else:
+        gradient = _mlp_gradient(theta, shapes, problem["x"][:, t], problem["y"][:, t])
+    return tf.stop_gradient(gradient)
+
+
+def _problem_loss(problem, theta, shapes, t):
+    """Loss (n,) of every problem at ``theta`` (MLPs: on minibatch ``t``)."""
+    if "w" in problem:
+        return quadratic_loss(problem["w"], problem["y"], theta)
+    return mlp_loss(_unflatten_tasks(theta, shapes), problem["x"][:, t], problem["y"][:, t])
+
+
+def _mlp_gradient(theta, shapes, x, y):
+    """Gradient (n, P) of every task's minibatch loss w.r.t. its flat parameters."""
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        loss = tf.reduce_sum(mlp_loss(_unflatten_tasks(theta, shapes), x, y))
+    return tape.gradient(loss, theta)
+
+
+@tf.function(reduce_retracing=True)
+def _optimize_mlps(optimizer, tasks, steps):
+    theta, shapes = _flatten_tasks(tasks)
+    n, p = tf.shape(theta)[0], tf.shape(theta)[1]
+    state = optimizer.initial_state(n * p)
+    losses = tf.TensorArray(tf.float32, size=steps)
+    for t in tf.range(steps):
+        xb, yb = tasks["x"][:, t], tasks["y"][:, t]
+        gradient = _mlp_gradient(theta, shapes, xb, yb)
+        update, state = optimizer.step(tf.reshape(gradient, (-1,)), state)
+        theta = theta + tf.reshape(update, (n, p))
+        losses = losses.write(t, mlp_loss(_unflatten_tasks(theta, shapes), xb, yb))
+    return losses.stack()
+
+
+def optimize_mlps_with(keras_optimizer, tasks, steps: int | None = None):
+    """Run a Keras optimiser on a batch of MLP tasks (:func:`mlp_tasks`) in
+    parallel (one variable holds every task's parameters; the built-in
+    optimisers act per coordinate); returns the minibatch loss after every
+    step, (steps, n), as :meth:`LSTMOptimizer.optimize_mlps`."""
+    steps = tasks["x"].shape[1] if steps is None else steps
+    x, y = tf.constant(tasks["x"]), tf.constant(tasks["y"])
+    flat, shapes = _flatten_tasks({k: tf.constant(tasks[k]) for k in MLP_PARAMETERS})
+    theta = tf.Variable(flat)
+
+    @tf.function
+    def run():
+        losses = tf.TensorArray(tf.float32, size=steps)
+        for t in tf.range(steps):
+            gradient = _mlp_gradient(tf.convert_to_tensor(theta), shapes, x[:, t], y[:, t])
+            keras_optimizer.apply([gradient], [theta])
+            losses = losses.write(t, mlp_loss(_unflatten_tasks(theta, shapes), x[:, t], y[:, t]))
+        return losses.stack()
+
+    keras_optimizer.build([theta])
+    return run().numpy()
 
 
 def optimize_quadratics_with(keras_optimizer, w, y, theta0, steps: int):
@@ -400,6 +599,7 @@ class MetaLSTMLearner(keras.Model):
         initial_learning_rate: float = 0.1,
         preprocess_p: float = 10.0,
         encoder: keras.Model | None = None,
+        initial_forget: float = 0.99,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -412,7 +612,7 @@ class MetaLSTMLearner(keras.Model):
         self.preprocess_p = preprocess_p
         self.ways = int(learner.output_shape[-1])
         self.lstm = layers.LSTMCell(hidden_size, name="lstm")
-        self.meta_cell = MetaLSTMCell(initial_learning_rate, name="meta_lstm")
+        self.meta_cell = MetaLSTMCell(initial_learning_rate, initial_forget, name="meta_lstm")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.lstm(tf.zeros((1, 4)), [tf.zeros((1, hidden_size))] * 2)

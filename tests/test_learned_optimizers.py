@@ -164,6 +164,86 @@ def test_keras_baseline_on_quadratics_matches_plain_sgd():
     np.testing.assert_allclose(losses, np.array(expected), rtol=1e-4)
 
 
+# -- MLP optimisees --------------------------------------------------------------
+
+
+def _feature_dataset(num_classes=12, per_class=10, dim=6, seed=0):
+    from bookcode.episodes import ClassDataset
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim)) * 2
+    y = np.repeat(np.arange(num_classes), per_class)
+    x = (centres[y] + rng.standard_normal((len(y), dim))).astype(np.float32)
+    return ClassDataset(x, y, [str(c) for c in range(num_classes)])
+
+
+def test_mlp_loss_matches_a_keras_model():
+    params = lo.init_mlp_parameters(2, 5, 4, 3, seed=0)
+    assert params["w1"].shape == (2, 5, 4) and params["b2"].shape == (2, 3)
+    assert np.all(params["b1"] == 0) and np.abs(params["w1"]).max() <= math.sqrt(6 / 9)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 5)).astype(np.float32)
+    y = rng.integers(0, 3, (2, 7))
+    losses = lo.mlp_loss(params, x, y).numpy()
+    assert losses.shape == (2,)
+    for i in range(2):
+        model = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(4, activation="sigmoid"), keras.layers.Dense(3)]
+        )
+        model.set_weights([params[k][i] for k in lo.MLP_PARAMETERS])
+        expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y[i], model(x[i]))
+        np.testing.assert_allclose(losses[i], float(expected), rtol=1e-5)
+    with pytest.raises(ValueError):
+        lo.init_mlp_parameters(0, 5, 4, 3)
+
+
+def test_mlp_tasks_shapes_labels_seed_and_bad_input():
+    data = _feature_dataset()
+    tasks = lo.mlp_tasks(data, 3, steps=4, batch_size=8, ways=3, classes_per_label=2, seed=0)
+    assert tasks["x"].shape == (3, 4, 8, 6) and tasks["y"].shape == (3, 4, 8)
+    assert tasks["w1"].shape == (3, 6, 20) and tasks["w2"].shape == (3, 20, 3)
+    assert set(np.unique(tasks["y"])) <= {0, 1, 2}
+    # each task's features are standardised over its own examples
+    assert abs(float(tasks["x"].mean())) < 0.3
+    again = lo.mlp_tasks(data, 3, steps=4, batch_size=8, ways=3, classes_per_label=2, seed=0)
+    np.testing.assert_array_equal(tasks["x"], again["x"])
+    mixed = lo.mlp_tasks(data, 4, steps=2, batch_size=8, ways=3, classes_per_label=(1, 4))
+    assert mixed["x"].shape == (4, 2, 8, 6)
+    with pytest.raises(ValueError, match="needs 15 classes"):
+        lo.mlp_tasks(data, 1, steps=2, ways=5, classes_per_label=3)
+    with pytest.raises(ValueError):
+        lo.mlp_tasks(data, 1, steps=0)
+
+
+def test_keras_baseline_on_mlps_matches_plain_sgd():
+    tasks = lo.mlp_tasks(_feature_dataset(), 2, steps=3, batch_size=8, ways=3, seed=0)
+    losses = lo.optimize_mlps_with(keras.optimizers.SGD(0.5), tasks)
+    assert losses.shape == (3, 2)
+    params = {k: tf.constant(tasks[k]) for k in lo.MLP_PARAMETERS}
+    for t in range(3):
+        with tf.GradientTape() as tape:
+            tape.watch(list(params.values()))
+            loss = tf.reduce_sum(lo.mlp_loss(params, tasks["x"][:, t], tasks["y"][:, t]))
+        grads = tape.gradient(loss, params)
+        params = {k: params[k] - 0.5 * grads[k] for k in params}
+        expected = lo.mlp_loss(params, tasks["x"][:, t], tasks["y"][:, t]).numpy()
+        np.testing.assert_allclose(losses[t], expected, rtol=1e-4)
+
+
+def test_meta_training_on_mlp_tasks_reduces_their_loss():
+    keras.utils.set_random_seed(0)
+    data = _feature_dataset(num_classes=12, per_class=20)
+    opt = lo.LSTMOptimizer(hidden_size=10, unroll=5, truncations=2)
+    opt.compile(optimizer=keras.optimizers.Adam(1e-2))
+    test = lo.mlp_tasks(data, 8, steps=10, batch_size=16, ways=4, seed=99)
+    before = np.mean(opt.optimize_mlps(test)[-1])
+    train = lo.mlp_tasks(data, 4 * 30, steps=10, batch_size=16, ways=4, seed=1)
+    history = opt.fit(tf.data.Dataset.from_tensor_slices(train).batch(4), epochs=1, verbose=0)
+    assert np.isfinite(history.history["meta_loss"][-1])
+    after = np.mean(opt.optimize_mlps(test)[-1])
+    assert after < 0.8 * before, (before, after)
+
+
 # -- meta-LSTM -------------------------------------------------------------------
 
 
