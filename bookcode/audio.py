@@ -7,6 +7,11 @@ MFCCs (Davis & Mermelstein 1980) are the first coefficients of the discrete
 cosine transform of the log-mel spectrum. The defaults suit 8 kHz speech such
 as the Free Spoken Digit Dataset: 32 ms frames every 10 ms, 40 mel bands from
 20 Hz to 4 kHz.
+
+Recordings of one word differ in speed; :func:`dtw_distance` (dynamic time
+warping, Sakoe & Chiba 1978) compares two frame sequences along their
+cheapest alignment, and :class:`AlignmentNearestNeighbour` uses it for
+one-shot classification, on raw features or on learned frame vectors.
 """
 
 from __future__ import annotations
@@ -151,3 +156,90 @@ class LogMelSpectrogram(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), **self.options, "num_coefficients": self.num_coefficients}
+
+
+# -- comparing recordings of different lengths and speeds ------------------------------
+def dtw_distance(cost, band: int | None = None):
+    """Dynamic time warping (Sakoe & Chiba 1978): the cheapest monotonic
+    alignment of two sequences, given the cost of matching each pair of frames.
+
+    ``cost``: (..., L, M) array, ``cost[..., i, j]`` the cost of matching frame
+    ``i`` of the first sequence with frame ``j`` of the second. An alignment
+    starts at (0, 0), ends at (L-1, M-1) and moves by (1, 1), (1, 0) or (0, 1).
+    ``band``: Sakoe-Chiba band, only cells with ``|i * M / L - j| <= band``
+    (``None``: no limit). Returns (...,): the total cost of the best alignment
+    divided by ``L + M`` (so the lengths do not matter). Computed one
+    anti-diagonal at a time, vectorised over the leading axes.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim < 2 or 0 in cost.shape[-2:]:
+        raise ValueError(f"cost must have shape (..., L, M) with L, M >= 1, got {cost.shape}")
+    if band is not None and band < 0:
+        raise ValueError(f"band must be non-negative, got {band}")
+    *batch, length, other = cost.shape
+    total = np.full((*batch, length + 1, other + 1), np.inf)
+    total[..., 0, 0] = 0.0
+    for k in range(2, length + other + 1):  # cells with i + j = k (1-based)
+        i = np.arange(max(1, k - other), min(length, k - 1) + 1)
+        j = k - i
+        if band is not None:
+            inside = np.abs((i - 1) * (other / length) - (j - 1)) <= band
+            i, j = i[inside], j[inside]
+        if len(i) == 0:
+            continue
+        previous = np.minimum(
+            np.minimum(total[..., i - 1, j], total[..., i, j - 1]), total[..., i - 1, j - 1]
+        )
+        total[..., i, j] = cost[..., i - 1, j - 1] + previous
+    return total[..., length, other] / (length + other)
+
+
+def cosine_cost(a, b):
+    """Frame-matching costs ``1 - cos`` between two sets of sequences:
+    ``a`` (n, L, dim), ``b`` (m, M, dim) -> (n, m, L, M)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return 1.0 - np.einsum("ntd,mud->nmtu", a, b)
+
+
+class AlignmentNearestNeighbour:
+    """One-shot classification of sequences by their nearest support example
+    under dynamic time warping (:func:`dtw_distance`) of ``1 - cos`` frame costs.
+
+    ``frames``: a callable (a Keras model, or ``None`` for the raw features)
+    mapping examples (batch, frames, features[, 1]) to frame vectors (batch,
+    frames, dim). ``predict_episode`` returns logits (num_query, ways): minus
+    the DTW cost to the nearest support example of each class.
+    """
+
+    def __init__(self, frames=None, band: int | None = 12):
+        self.frames = frames
+        self.band = band
+
+    def _frames(self, x):
+        if self.frames is not None:
+            x = (
+                self.frames(x, training=False)
+                if isinstance(self.frames, keras.Model)
+                else self.frames(x)
+            )
+            x = np.asarray(x)
+        x = np.asarray(x)
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def predict_episode(self, support_x, support_y, query_x):
+        support_y = np.asarray(support_y)
+        if len(support_x) != len(support_y):
+            raise ValueError(
+                f"support_x has {len(support_x)} examples but support_y has {len(support_y)}"
+            )
+        costs = dtw_distance(
+            cosine_cost(self._frames(query_x), self._frames(support_x)), self.band
+        )  # (num_query, num_support)
+        ways = int(support_y.max()) + 1
+        logits = np.full((len(costs), ways), -np.inf)
+        for c in range(ways):
+            logits[:, c] = -costs[:, support_y == c].min(axis=1)
+        return logits

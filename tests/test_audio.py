@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 
 from bookcode.audio import (
+    AlignmentNearestNeighbour,
     LogMelSpectrogram,
+    cosine_cost,
+    dtw_distance,
     fft_length_for,
     log_mel_spectrogram,
     mel_band_centres,
@@ -80,3 +83,49 @@ def test_too_short_waveform_and_bad_mfcc_count_raise():
         log_mel_spectrogram(np.zeros((1, 100), np.float32))
     with pytest.raises(ValueError, match="num_coefficients"):
         mfcc(np.zeros((1, 8000), np.float32), num_coefficients=41)
+
+
+def test_dtw_distance_hand_computed():
+    # Paths through [[1, 2], [3, 4]]: diagonal 1 + 4 = 5, right-down 1 + 2 + 4 = 7,
+    # down-right 1 + 3 + 4 = 8; the best (5) divided by L + M = 4.
+    cost = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert dtw_distance(cost) == pytest.approx(1.25)
+    # Band 0 keeps only the diagonal: 1 + 5 + 9 over 6.
+    square = np.arange(1.0, 10.0).reshape(3, 3)
+    assert dtw_distance(square, band=0) == pytest.approx(15 / 6)
+    # Vectorised over leading axes.
+    stacked = np.stack([cost, 2 * cost, 0 * cost])
+    np.testing.assert_allclose(dtw_distance(stacked), [1.25, 2.5, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        dtw_distance(np.ones(3))
+    with pytest.raises(ValueError, match="band"):
+        dtw_distance(cost, band=-1)
+
+
+def test_dtw_ignores_a_change_of_speed():
+    rng = np.random.default_rng(0)
+    word = rng.normal(size=(10, 4))
+    slow = np.repeat(word, 2, axis=0)  # the same frames, each held twice as long
+    assert dtw_distance(cosine_cost(word[None], slow[None])[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    other = rng.normal(size=(20, 4))
+    assert dtw_distance(cosine_cost(word[None], other[None])[0, 0]) > 0.2
+
+
+def test_alignment_nearest_neighbour_finds_stretched_words():
+    rng = np.random.default_rng(1)
+    support = rng.normal(size=(3, 12, 5))  # three "words"
+    queries = np.stack(
+        [np.repeat(w, 2, axis=0)[::2] + 0.05 * rng.normal(size=(12, 5)) for w in support]
+    )
+    queries = np.stack([np.roll(q, 1, axis=0) for q in queries])  # shifted by one frame
+    learner = AlignmentNearestNeighbour(band=4)
+    logits = learner.predict_episode(support[:, :, :, None], np.array([0, 1, 2]), queries)
+    assert logits.shape == (3, 3)
+    np.testing.assert_array_equal(logits.argmax(1), [0, 1, 2])
+    # With a frame network: the learner embeds both sides with it.
+    doubled = AlignmentNearestNeighbour(lambda x: 2 * np.asarray(x), band=4)
+    np.testing.assert_allclose(
+        doubled.predict_episode(support, np.array([0, 1, 2]), queries), logits, atol=1e-9
+    )
+    with pytest.raises(ValueError, match="support_y"):
+        learner.predict_episode(support, np.array([0, 1]), queries)

@@ -71,6 +71,24 @@ def test_all_pairs_contrastive_loss_hand_computed():
         all_pairs_contrastive_loss(labels, embeddings, margin=0.0)
 
 
+def test_active_negatives_average_only_pairs_inside_the_margin():
+    embeddings = tf.constant([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+    labels = tf.constant([0, 0, 1])
+    # Margin 2: different pairs at D = 2.0 (loss 0, inactive) and D = 1.5 (loss 0.125).
+    # Plain mean over both: 0.0625; active mean over the one inside the margin: 0.125.
+    active = all_pairs_contrastive_loss(labels, embeddings, margin=2.0, active_negatives=True)
+    np.testing.assert_allclose(active, 0.125 + 0.125, rtol=1e-5)
+    # No different pair inside the margin: the different-pair term is 0, not NaN.
+    np.testing.assert_allclose(
+        all_pairs_contrastive_loss(labels, embeddings, margin=1.0, active_negatives=True),
+        0.125,
+        rtol=1e-5,
+    )
+    model = SiameseNetwork(keras.Sequential([keras.Input((2,))]), margin=2.0, active_negatives=True)
+    np.testing.assert_allclose(model.all_pairs_loss(labels, embeddings), 0.25, rtol=1e-5)
+    assert SiameseNetwork.from_config(model.get_config()).active_negatives
+
+
 def test_fit_on_episodes_uses_every_pair():
     """fit() on the episode sampler trains on all pairs of each episode and
     lowers that loss (contrastive and L1 heads)."""

@@ -50,7 +50,9 @@ def contrastive_loss(same, distance, margin: float = 1.0):
     return same * pull + (1.0 - same) * push
 
 
-def all_pairs_contrastive_loss(labels, embeddings, margin: float = 1.0):
+def all_pairs_contrastive_loss(
+    labels, embeddings, margin: float = 1.0, active_negatives: bool = False
+):
     """Contrastive loss over every pair of a batch (Hadsell et al. 2006).
 
     ``labels``: (batch,) integer classes; ``embeddings``: (batch, dim). Each
@@ -60,12 +62,19 @@ def all_pairs_contrastive_loss(labels, embeddings, margin: float = 1.0):
     each the batch holds. A batch of P classes x K examples gives
     P*K*(K-1)/2 same pairs and far more different ones from only P*K
     embeddings: the data is used much more efficiently than independent pairs.
+
+    ``active_negatives=True`` averages the different-pair term only over the
+    *active* different pairs, those still closer than ``margin`` (non-zero
+    loss). Once most different pairs are beyond the margin, a plain mean is
+    dominated by zeros and the few hard pairs get a tiny weight; the active
+    mean keeps their weight (a mild form of the hard-negative mining of
+    Schroff et al. 2015, FaceNet, and Hermans et al. 2017).
     """
     if margin <= 0:
         raise ValueError(f"margin must be positive, got {margin}")
     same, distance, valid = _all_pairs(labels, embeddings)
     losses = contrastive_loss(same, distance, margin)
-    return _balanced_mean(losses, same, valid)
+    return _balanced_mean(losses, same, valid, active_negatives)
 
 
 def _all_pairs(labels, embeddings):
@@ -81,8 +90,10 @@ def _all_pairs(labels, embeddings):
     return same, distance, valid
 
 
-def _balanced_mean(losses, same, valid):
+def _balanced_mean(losses, same, valid, active_negatives=False):
     positive, negative = same * valid, (1.0 - same) * valid
+    if active_negatives:
+        negative = negative * tf.cast(losses > 0, losses.dtype)
     mean_positive = tf.reduce_sum(losses * positive) / tf.maximum(tf.reduce_sum(positive), 1.0)
     mean_negative = tf.reduce_sum(losses * negative) / tf.maximum(tf.reduce_sum(negative), 1.0)
     return mean_positive + mean_negative
@@ -106,9 +117,20 @@ class SiameseNetwork(keras.Model):
 
     :meth:`predict_episode` does one-shot (or few-shot) classification: each
     query takes the class of its most similar support example.
+
+    ``active_negatives`` (contrastive head, all-pairs training only): average
+    the different-pair loss over the pairs still inside the margin, see
+    :func:`all_pairs_contrastive_loss`.
     """
 
-    def __init__(self, embedding, head: str = "contrastive", margin: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        embedding,
+        head: str = "contrastive",
+        margin: float = 1.0,
+        active_negatives: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
@@ -117,6 +139,7 @@ class SiameseNetwork(keras.Model):
         self.embedding = embedding
         self.head = head
         self.margin = float(margin)
+        self.active_negatives = bool(active_negatives)
         # Koch et al.: p = sigmoid(sum_k alpha_k |f(a)_k - f(b)_k| + b).
         self.similarity = keras.layers.Dense(1, name="l1_similarity") if head == "l1" else None
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -173,7 +196,9 @@ class SiameseNetwork(keras.Model):
         """Balanced loss over every pair of a labelled batch (batch,), (batch, dim):
         mean over same pairs + mean over different pairs, with this network's head."""
         if self.head == "contrastive":
-            return all_pairs_contrastive_loss(labels, embeddings, self.margin)
+            return all_pairs_contrastive_loss(
+                labels, embeddings, self.margin, self.active_negatives
+            )
         same, _, valid = _all_pairs(labels, embeddings)
         n = tf.shape(embeddings)[0]
         scores = self.score_embeddings(
@@ -270,6 +295,7 @@ class SiameseNetwork(keras.Model):
             "embedding": keras.saving.serialize_keras_object(self.embedding),
             "head": self.head,
             "margin": self.margin,
+            "active_negatives": self.active_negatives,
         }
 
     @classmethod
