@@ -589,6 +589,10 @@ class MetaLSTMLearner(keras.Model):
     ``encoder`` (optional) is a frozen Keras model applied to all images first,
     e.g. the lower blocks of a pretrained network, so that the meta-LSTM only
     learns the upper layers (``learner`` then takes the encoder's features).
+
+    ``initialisation_optimizer`` (optional) trains theta_0 alone, e.g. with a
+    smaller learning rate than the LSTM and the gates when theta_0 starts from
+    a pretrained network; by default the compiled optimiser trains everything.
     """
 
     def __init__(
@@ -600,9 +604,11 @@ class MetaLSTMLearner(keras.Model):
         preprocess_p: float = 10.0,
         encoder: keras.Model | None = None,
         initial_forget: float = 0.99,
+        initialisation_optimizer: keras.optimizers.Optimizer | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.initialisation_optimizer = initialisation_optimizer
         if steps < 1 or hidden_size < 1:
             raise ValueError("steps and hidden_size must be positive")
         self.learner, self.steps, self.hidden_size = learner, steps, hidden_size
@@ -704,7 +710,9 @@ class MetaLSTMLearner(keras.Model):
                 t[None] for t in (support_x, support_y, query_x, query_y)
             )
         tasks = support_x.shape[0]
-        variables = self.trainable_variables
+        initial = self.learner.trainable_variables  # theta_0
+        meta = [v for v in self.trainable_variables if not any(v is w for w in initial)]
+        variables = meta + initial
         with tf.GradientTape() as tape:
             losses, accuracies = [], []
             for i in range(tasks):
@@ -727,7 +735,11 @@ class MetaLSTMLearner(keras.Model):
             loss = tf.add_n(losses) / tasks
         grads = tape.gradient(loss, variables)
         grads, _ = tf.clip_by_global_norm(grads, 10.0)
-        self.optimizer.apply(grads, variables)
+        if self.initialisation_optimizer is None:
+            self.optimizer.apply(grads, variables)
+        else:
+            self.optimizer.apply(grads[: len(meta)], meta)
+            self.initialisation_optimizer.apply(grads[len(meta) :], initial)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(tf.add_n(accuracies) / tasks)
         return {m.name: m.result() for m in self.metrics}

@@ -341,6 +341,30 @@ def test_meta_lstm_meta_gradients_reach_init_lstm_and_gates():
     assert not missing, missing
 
 
+def test_meta_lstm_initialisation_optimizer_trains_only_theta0():
+    sx, sy, qx, qy = _episode()
+    sy, qy = sy.astype(np.int32), qy.astype(np.int32)
+    data = tf.data.Dataset.from_tensors(((sx[None], sy[None], qx[None]), qy[None])).repeat()
+
+    def one_step(initialisation_optimizer):
+        keras.utils.set_random_seed(0)
+        model = _meta_lstm()
+        model.initialisation_optimizer = initialisation_optimizer
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        before = [v.numpy() for v in model.trainable_variables]
+        model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+        initial = {id(v) for v in model.learner.trainable_variables}
+        moved = [not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+        return [m for m, v in zip(moved, model.trainable_variables) if id(v) in initial], [
+            m for m, v in zip(moved, model.trainable_variables) if id(v) not in initial
+        ]
+
+    initial_moved, meta_moved = one_step(None)  # the compiled optimiser trains everything
+    assert all(initial_moved) and all(meta_moved)
+    initial_moved, meta_moved = one_step(keras.optimizers.SGD(0.0))  # theta_0 frozen
+    assert not any(initial_moved) and all(meta_moved)
+
+
 def test_meta_lstm_learns_on_real_omniglot():
     from bookcode.datasets import omniglot
     from bookcode.episodes import EpisodeSampler
