@@ -669,10 +669,8 @@ class MetaLSTMLearner(keras.Model):
         support_y = tf.convert_to_tensor(support_y, tf.int32)
         theta = self.initial_parameters()
         n = tf.shape(theta)[0]
-        state = [tf.zeros((n, self.hidden_size))] * 2
-        forget, learning_rate = tf.zeros((n,)), tf.zeros((n,))
-        forgets, rates = [], []
-        for _ in range(self.steps):
+
+        def step(t, theta, state, forget, learning_rate, forgets, rates):
             loss, gradient = self._support_loss_and_gradient(theta, support_x, support_y)
             loss, gradient = tf.stop_gradient(loss), tf.stop_gradient(gradient)
             inputs = tf.concat(
@@ -684,9 +682,26 @@ class MetaLSTMLearner(keras.Model):
             )
             x, state = self.lstm(inputs, state)
             theta, forget, learning_rate = self.meta_cell(x, theta, gradient, forget, learning_rate)
-            forgets.append(forget)
-            rates.append(learning_rate)
-        return theta, tf.stack(forgets), tf.stack(rates)
+            return (
+                t + 1,
+                theta,
+                list(state),
+                forget,
+                learning_rate,
+                forgets.write(t, forget),
+                rates.write(t, learning_rate),
+            )
+
+        # a graph loop, not a Python one: traced once instead of `steps` times
+        zeros = tf.zeros((n,))
+        forgets, rates = (tf.TensorArray(tf.float32, size=self.steps) for _ in range(2))
+        _, theta, _, _, _, forgets, rates = tf.while_loop(
+            lambda t, *_: t < self.steps,
+            step,
+            (0, theta, [tf.zeros((n, self.hidden_size))] * 2, zeros, zeros, forgets, rates),
+            maximum_iterations=self.steps,
+        )
+        return theta, forgets.stack(), rates.stack()
 
     def call(self, inputs):
         """Query logits (num_query, ways) for one episode ``(support_x, support_y, query_x)``."""
@@ -702,6 +717,16 @@ class MetaLSTMLearner(keras.Model):
         """Logits (num_query, ways) after learning the support set."""
         return _compiled_episode_logits(self, support_x, support_y, query_x)
 
+    @tf.function(reduce_retracing=True)
+    def _query_loss_and_accuracy(self, support_x, support_y, query_x, query_y):
+        # one compiled function for every episode of a meta-batch: traced once, not per episode
+        logits = self((support_x, support_y, query_x))
+        loss = tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(query_y, logits, from_logits=True)
+        )
+        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), query_y)
+        return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
+
     def train_step(self, data):
         (support_x, support_y, query_x), query_y = data
         batched = len(support_x.shape) == 5
@@ -714,24 +739,14 @@ class MetaLSTMLearner(keras.Model):
         meta = [v for v in self.trainable_variables if not any(v is w for w in initial)]
         variables = meta + initial
         with tf.GradientTape() as tape:
-            losses, accuracies = [], []
-            for i in range(tasks):
-                logits = self((support_x[i], support_y[i], query_x[i]))
-                losses.append(
-                    tf.reduce_mean(
-                        keras.losses.sparse_categorical_crossentropy(
-                            query_y[i], logits, from_logits=True
-                        )
+            losses, accuracies = zip(
+                *(
+                    self._query_loss_and_accuracy(
+                        support_x[i], support_y[i], query_x[i], query_y[i]
                     )
+                    for i in range(tasks)
                 )
-                accuracies.append(
-                    tf.reduce_mean(
-                        tf.cast(
-                            tf.equal(tf.argmax(logits, -1, output_type=tf.int32), query_y[i]),
-                            tf.float32,
-                        )
-                    )
-                )
+            )
             loss = tf.add_n(losses) / tasks
         grads = tape.gradient(loss, variables)
         grads, _ = tf.clip_by_global_norm(grads, 10.0)
@@ -779,13 +794,20 @@ class FineTuner:
 
     @tf.function(reduce_retracing=True)
     def _predict(self, support_x, support_y, query_x):
-        weights = [tf.convert_to_tensor(v) for v in self.learner.trainable_variables]
-        for _ in range(self.steps):
+        def step(weights):
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 loss = self._loss(weights, support_x, support_y)
             grads = tape.gradient(loss, weights)
-            weights = [w - self._rate * g for w, g in zip(weights, grads)]
+            return ([w - self._rate * g for w, g in zip(weights, grads)],)
+
+        # a graph loop, not a Python one: traced once instead of `steps` times
+        (weights,) = tf.while_loop(
+            lambda weights: True,
+            step,
+            ([tf.convert_to_tensor(v) for v in self.learner.trainable_variables],),
+            maximum_iterations=self.steps,
+        )
         non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         logits, _ = self.learner.stateless_call(weights, non_trainable, query_x, training=True)
         return logits

@@ -320,8 +320,10 @@ def test_meta_lstm_with_hand_set_gates_reduces_to_gradient_descent():
     model.meta_cell.b_input.assign([lo._logit(0.1)])
     theta0 = model.initial_parameters()
     _, grad = model._support_loss_and_gradient(theta0, tf.constant(sx), tf.constant(sy, tf.int32))
-    theta1, _, _ = model.adapt(sx, sy)
+    theta1, forget, rate = model.adapt(sx, sy)
     np.testing.assert_allclose(theta1.numpy(), (theta0 - 0.1 * grad).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(forget.numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(rate.numpy(), 0.1, rtol=1e-5)
     expected = model.learner_logits(theta0 - 0.1 * grad, tf.constant(qx)).numpy()
     np.testing.assert_allclose(model.predict_episode(sx, sy, qx), expected, rtol=1e-4, atol=1e-5)
 
