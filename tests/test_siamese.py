@@ -279,3 +279,52 @@ def test_learns_to_verify_unseen_omniglot_characters(head):
     accuracy = evaluate(model, episodes).mean
     print(head, auc_before, auc_after, accuracy)
     assert accuracy > 0.45  # chance: 0.2
+
+
+# --- classification-trained embeddings and ensembles --------------------------------
+
+
+def test_cosine_classifier_hand_computed():
+    from bookcode.metric.siamese import CosineClassifier
+
+    head = CosineClassifier(2, scale=10.0)
+    head.build((None, 2))
+    head.kernel.assign(np.array([[2.0, 0.0], [0.0, 3.0]], np.float32))  # classes along x and y
+    x = np.array([[3.0, 4.0], [-1.0, 0.0]], np.float32)
+    # cos with (1, 0) and (0, 1): (0.6, 0.8) and (-1, 0), times the scale
+    np.testing.assert_allclose(head(x).numpy(), [[6.0, 8.0], [-10.0, 0.0]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_classes"):
+        CosineClassifier(1)
+    with pytest.raises(ValueError, match="scale"):
+        CosineClassifier(3, scale=0.0)
+
+
+def test_concatenated_embedding_averages_squared_distances():
+    from bookcode.metric.siamese import concatenate_embeddings
+
+    first = keras.Sequential([keras.Input((2,)), keras.layers.UnitNormalization()])
+    second = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Lambda(lambda v: v[:, ::-1] * [1.0, -1.0])]
+    )
+    both = concatenate_embeddings(first, second)
+    a = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)
+    b = np.array([[0.0, 1.0], [0.0, 2.0]], np.float32)
+    d1 = ((first(a).numpy() - first(b).numpy()) ** 2).sum(1)  # 0.4, 2.0
+    d2 = ((second(a).numpy() - second(b).numpy()) ** 2).sum(1)  # 18, 5
+    np.testing.assert_allclose(d1, [0.4, 2.0], rtol=1e-5)
+    np.testing.assert_allclose(d2, [18.0, 5.0], rtol=1e-5)
+    d = ((both(a).numpy() - both(b).numpy()) ** 2).sum(1)
+    np.testing.assert_allclose(d, [9.2, 3.5], rtol=1e-5)  # mean of the members' values
+    # as the embedding of a Siamese network: minus the ensemble distance
+    scores = SiameseNetwork(both)((a, b)).numpy()
+    np.testing.assert_allclose(scores, -np.sqrt([9.2, 3.5]), rtol=1e-4)
+    # unit-length members give a unit-length ensemble embedding
+    # members may share a name, as two copies of one architecture do
+    twin = keras.Sequential([keras.Input((2,)), keras.layers.UnitNormalization()], name=first.name)
+    unit = concatenate_embeddings(first, twin)
+    np.testing.assert_allclose(np.linalg.norm(unit(a).numpy(), axis=1), [1.0, 1.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        concatenate_embeddings(first)
+    third = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    with pytest.raises(ValueError, match="input shapes differ"):
+        concatenate_embeddings(first, third)
