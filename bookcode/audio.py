@@ -243,3 +243,44 @@ class AlignmentNearestNeighbour:
         for c in range(ways):
             logits[:, c] = -costs[:, support_y == c].min(axis=1)
         return logits
+
+
+def soft_dtw_distance(cost, gamma: float = 0.05, band: int | None = None):
+    """Soft dynamic time warping (Cuturi & Blondel 2017) in TensorFlow, so a
+    network can be trained through the alignment: :func:`dtw_distance` with
+    the minimum over the three moves replaced by the soft minimum
+    ``-gamma * log(sum(exp(-x / gamma)))`` (``gamma -> 0`` gives DTW).
+
+    ``cost``: (pairs, L, M) tensor of frame-matching costs; ``band`` as in
+    :func:`dtw_distance`. Returns (pairs,): the soft alignment cost divided by
+    ``L + M``. Computed one anti-diagonal at a time.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    cost = tf.convert_to_tensor(cost, tf.float32)
+    length, other = int(cost.shape[-2]), int(cost.shape[-1])
+    big = 1e4  # stands for +inf, finite so that gradients stay finite
+    pairs = tf.shape(cost)[0]
+    flat = tf.reshape(cost, (pairs, length * other))
+    previous2 = tf.concat([tf.zeros((pairs, 1)), tf.fill((pairs, length), big)], 1)  # i + j = 0
+    previous1 = tf.fill((pairs, length + 1), big)  # i + j = 1
+    pad = tf.fill((pairs, 1), big)
+    for k in range(2, length + other + 1):  # cells (i, j), 1-based, with i + j = k
+        i = np.arange(length + 1)
+        j = k - i
+        valid = (i >= 1) & (j >= 1) & (j <= other)
+        if band is not None:
+            valid &= np.abs((i - 1) * (other / length) - (j - 1)) <= band
+        index = np.where(valid, (i - 1) * other + (j - 1), 0)
+        moves = tf.stack(
+            [
+                tf.concat([pad, previous1[:, :-1]], 1),  # from (i - 1, j)
+                previous1,  # from (i, j - 1)
+                tf.concat([pad, previous2[:, :-1]], 1),  # from (i - 1, j - 1)
+            ],
+            -1,
+        )
+        soft_min = -gamma * tf.reduce_logsumexp(-moves / gamma, axis=-1)
+        current = tf.minimum(tf.gather(flat, index, axis=1) + soft_min, big)
+        previous2, previous1 = previous1, tf.where(valid[None], current, big)
+    return previous1[:, length] / (length + other)

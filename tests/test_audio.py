@@ -129,3 +129,29 @@ def test_alignment_nearest_neighbour_finds_stretched_words():
     )
     with pytest.raises(ValueError, match="support_y"):
         learner.predict_episode(support, np.array([0, 1]), queries)
+
+
+def test_soft_dtw_approaches_dtw_and_has_gradients():
+    import tensorflow as tf
+
+    from bookcode.audio import dtw_distance, soft_dtw_distance
+
+    rng = np.random.default_rng(0)
+    cost = rng.uniform(0, 1, (3, 6, 5)).astype(np.float32)
+    for band in (None, 2):
+        hard = dtw_distance(cost, band)
+        soft = soft_dtw_distance(cost, gamma=1e-3, band=band).numpy()
+        np.testing.assert_allclose(soft, hard, atol=2e-3)
+        # the soft minimum is below the minimum
+        assert (soft_dtw_distance(cost, gamma=0.1, band=band).numpy() < hard).all()
+    # 2 x 2 by hand with gamma -> 0: path (0,0) -> (1,1) costs 1 + 1, divided by 4
+    two = np.array([[[1.0, 5.0], [5.0, 1.0]]], np.float32)
+    np.testing.assert_allclose(soft_dtw_distance(two, gamma=1e-3).numpy(), [0.5], atol=1e-3)
+    x = tf.constant(cost)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = tf.reduce_sum(soft_dtw_distance(x, gamma=0.05))
+    grad = tape.gradient(value, x).numpy()
+    assert np.isfinite(grad).all() and grad.min() >= 0 and grad.sum() > 0
+    with pytest.raises(ValueError, match="gamma"):
+        soft_dtw_distance(cost, gamma=0.0)
