@@ -11,9 +11,11 @@ from .prototypical import (
     squared_euclidean_distance,
 )
 from .siamese import (
+    CosineClassifier,
     SiameseNetwork,
     all_pairs_contrastive_loss,
     best_threshold,
+    concatenate_embeddings,
     contrastive_loss,
     euclidean_distance,
     roc_auc,
@@ -22,6 +24,7 @@ from .siamese import (
 )
 
 __all__ = [
+    "CosineClassifier",
     "GaussianPrototypicalNetwork",
     "PrototypicalNetwork",
     "SemiSupervisedPrototypicalNetwork",
@@ -29,6 +32,7 @@ __all__ = [
     "all_pairs_contrastive_loss",
     "best_threshold",
     "class_prototypes",
+    "concatenate_embeddings",
     "contrastive_loss",
     "euclidean_distance",
     "mahalanobis_distance",
