@@ -159,6 +159,18 @@ class LogMelSpectrogram(keras.layers.Layer):
 
 
 # -- comparing recordings of different lengths and speeds ------------------------------
+def _check_alignment_input(shape, band):
+    if len(shape) < 2 or 0 in tuple(shape)[-2:]:
+        raise ValueError(f"cost must have shape (..., L, M) with L, M >= 1, got {tuple(shape)}")
+    if band is not None and band < 0:
+        raise ValueError(f"band must be non-negative, got {band}")
+
+
+def _inside_band(i, j, length, other, band):
+    """Cells (i, j), 1-based, inside the Sakoe-Chiba band ``|i * M / L - j| <= band``."""
+    return np.abs((i - 1) * (other / length) - (j - 1)) <= band
+
+
 def dtw_distance(cost, band: int | None = None):
     """Dynamic time warping (Sakoe & Chiba 1978): the cheapest monotonic
     alignment of two sequences, given the cost of matching each pair of frames.
@@ -172,10 +184,7 @@ def dtw_distance(cost, band: int | None = None):
     anti-diagonal at a time, vectorised over the leading axes.
     """
     cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim < 2 or 0 in cost.shape[-2:]:
-        raise ValueError(f"cost must have shape (..., L, M) with L, M >= 1, got {cost.shape}")
-    if band is not None and band < 0:
-        raise ValueError(f"band must be non-negative, got {band}")
+    _check_alignment_input(cost.shape, band)
     *batch, length, other = cost.shape
     total = np.full((*batch, length + 1, other + 1), np.inf)
     total[..., 0, 0] = 0.0
@@ -183,7 +192,7 @@ def dtw_distance(cost, band: int | None = None):
         i = np.arange(max(1, k - other), min(length, k - 1) + 1)
         j = k - i
         if band is not None:
-            inside = np.abs((i - 1) * (other / length) - (j - 1)) <= band
+            inside = _inside_band(i, j, length, other, band)
             i, j = i[inside], j[inside]
         if len(i) == 0:
             continue
@@ -258,6 +267,7 @@ def soft_dtw_distance(cost, gamma: float = 0.05, band: int | None = None):
     if gamma <= 0:
         raise ValueError(f"gamma must be positive, got {gamma}")
     cost = tf.convert_to_tensor(cost, tf.float32)
+    _check_alignment_input(cost.shape, band)
     length, other = int(cost.shape[-2]), int(cost.shape[-1])
     big = 1e4  # stands for +inf, finite so that gradients stay finite
     pairs = tf.shape(cost)[0]
@@ -270,7 +280,7 @@ def soft_dtw_distance(cost, gamma: float = 0.05, band: int | None = None):
         j = k - i
         valid = (i >= 1) & (j >= 1) & (j <= other)
         if band is not None:
-            valid &= np.abs((i - 1) * (other / length) - (j - 1)) <= band
+            valid &= _inside_band(i, j, length, other, band)
         index = np.where(valid, (i - 1) * other + (j - 1), 0)
         moves = tf.stack(
             [

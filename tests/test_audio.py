@@ -155,3 +155,7 @@ def test_soft_dtw_approaches_dtw_and_has_gradients():
     assert np.isfinite(grad).all() and grad.min() >= 0 and grad.sum() > 0
     with pytest.raises(ValueError, match="gamma"):
         soft_dtw_distance(cost, gamma=0.0)
+    with pytest.raises(ValueError, match="band"):
+        soft_dtw_distance(cost, band=-1)
+    with pytest.raises(ValueError, match="shape"):
+        soft_dtw_distance(np.zeros((2, 0, 3), np.float32))
