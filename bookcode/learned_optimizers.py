@@ -164,6 +164,8 @@ def mlp_tasks(
     batch), "w1", "b1", "w2", "b2"}`` with a fresh Glorot initialisation of an
     MLP ``d -> hidden -> ways`` per task: the input of ``LSTMOptimizer.fit``,
     :meth:`LSTMOptimizer.optimize_mlps` and :func:`optimize_mlps_with`.
+    Step ``t`` takes its gradient on minibatch ``t``; the loss after it is
+    measured on minibatch ``t + 1`` (cyclically), one the step did not see.
     """
     if np.isscalar(classes_per_label):
         classes_per_label = (classes_per_label, classes_per_label)
@@ -219,6 +221,9 @@ class LSTMOptimizer(keras.Model):
     see ``log_loss``) is backpropagated through the unroll and the LSTM is
     updated (truncated backpropagation through time). As in the paper the
     gradients fed to the LSTM are treated as constants (no second derivatives).
+    For MLP tasks, as in the paper's code, ``f`` after a step is the loss on
+    the *next* minibatch: measured on the minibatch whose gradient it just
+    used, the meta-loss would reward fitting that minibatch, not the task.
     """
 
     def __init__(
@@ -358,7 +363,7 @@ class LSTMOptimizer(keras.Model):
                 problem, theta, state, tf.constant(k * self.unroll), shapes
             )
             self.meta_loss_tracker.update_state(meta_loss)
-        final = _problem_loss(problem, theta, shapes, self.truncations * self.unroll - 1)
+        final = _problem_loss(problem, theta, shapes, self.truncations * self.unroll)
         self.final_loss_tracker.update_state(
             tf.reduce_mean(tf.math.log(final + 1e-12)) / math.log(10)
         )
@@ -376,7 +381,8 @@ class LSTMOptimizer(keras.Model):
                 gradient = _problem_gradient(problem, tf.stop_gradient(theta), shapes, offset + t)
                 update, state = self.step(tf.reshape(gradient, (-1,)), state)
                 theta = theta + tf.reshape(update, (n, p))
-                loss = _problem_loss(problem, theta, shapes, offset + t)
+                # MLPs: on the next minibatch, one this step did not use
+                loss = _problem_loss(problem, theta, shapes, offset + t + 1)
                 return t + 1, theta, state, total + tf.reduce_mean(self._segment_loss(loss))
 
             _, theta, state, total = tf.while_loop(
@@ -391,7 +397,7 @@ class LSTMOptimizer(keras.Model):
 
     def optimize_mlps(self, tasks, steps: int | None = None):
         """Run the learned optimiser on a batch of MLP tasks (:func:`mlp_tasks`);
-        returns the minibatch loss after every step, (steps, n)."""
+        returns the loss after every step on the next minibatch, (steps, n)."""
         steps = tasks["x"].shape[1] if steps is None else steps
         tasks = {k: tf.constant(v) for k, v in tasks.items()}
         return _optimize_mlps(self, tasks, steps).numpy()
@@ -427,10 +433,18 @@ def _problem_gradient(problem, theta, shapes, t):
 
 
 def _problem_loss(problem, theta, shapes, t):
-    """Loss (n,) of every problem at ``theta`` (MLPs: on minibatch ``t``)."""
+    """Loss (n,) of every problem at ``theta`` (MLPs: on minibatch ``t``,
+    cyclically)."""
     if "w" in problem:
         return quadratic_loss(problem["w"], problem["y"], theta)
-    return mlp_loss(_unflatten_tasks(theta, shapes), problem["x"][:, t], problem["y"][:, t])
+    return _minibatch_loss(theta, shapes, problem["x"], problem["y"], t)
+
+
+def _minibatch_loss(theta, shapes, x, y, t):
+    """Loss (n,) of flat MLP parameters on minibatch ``t`` of ``x`` (n, steps,
+    batch, d), cyclically."""
+    t = t % tf.shape(x)[1]
+    return mlp_loss(_unflatten_tasks(theta, shapes), x[:, t], y[:, t])
 
 
 def _mlp_gradient(theta, shapes, x, y):
@@ -452,15 +466,15 @@ def _optimize_mlps(optimizer, tasks, steps):
         gradient = _mlp_gradient(theta, shapes, xb, yb)
         update, state = optimizer.step(tf.reshape(gradient, (-1,)), state)
         theta = theta + tf.reshape(update, (n, p))
-        losses = losses.write(t, mlp_loss(_unflatten_tasks(theta, shapes), xb, yb))
+        losses = losses.write(t, _minibatch_loss(theta, shapes, tasks["x"], tasks["y"], t + 1))
     return losses.stack()
 
 
 def optimize_mlps_with(keras_optimizer, tasks, steps: int | None = None):
     """Run a Keras optimiser on a batch of MLP tasks (:func:`mlp_tasks`) in
     parallel (one variable holds every task's parameters; the built-in
-    optimisers act per coordinate); returns the minibatch loss after every
-    step, (steps, n), as :meth:`LSTMOptimizer.optimize_mlps`."""
+    optimisers act per coordinate); returns the loss after every step on the
+    next minibatch, (steps, n), as :meth:`LSTMOptimizer.optimize_mlps`."""
     steps = tasks["x"].shape[1] if steps is None else steps
     x, y = tf.constant(tasks["x"]), tf.constant(tasks["y"])
     flat, shapes = _flatten_tasks({k: tf.constant(tasks[k]) for k in MLP_PARAMETERS})
@@ -472,7 +486,7 @@ def optimize_mlps_with(keras_optimizer, tasks, steps: int | None = None):
         for t in tf.range(steps):
             gradient = _mlp_gradient(tf.convert_to_tensor(theta), shapes, x[:, t], y[:, t])
             keras_optimizer.apply([gradient], [theta])
-            losses = losses.write(t, mlp_loss(_unflatten_tasks(theta, shapes), x[:, t], y[:, t]))
+            losses = losses.write(t, _minibatch_loss(theta, shapes, x, y, t + 1))
         return losses.stack()
 
     keras_optimizer.build([theta])

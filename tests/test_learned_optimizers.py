@@ -226,8 +226,43 @@ def test_keras_baseline_on_mlps_matches_plain_sgd():
             loss = tf.reduce_sum(lo.mlp_loss(params, tasks["x"][:, t], tasks["y"][:, t]))
         grads = tape.gradient(loss, params)
         params = {k: params[k] - 0.5 * grads[k] for k in params}
-        expected = lo.mlp_loss(params, tasks["x"][:, t], tasks["y"][:, t]).numpy()
+        after = (t + 1) % 3  # measured on the next minibatch, cyclically
+        expected = lo.mlp_loss(params, tasks["x"][:, after], tasks["y"][:, after]).numpy()
         np.testing.assert_allclose(losses[t], expected, rtol=1e-4)
+
+
+def _flat_mlp_run(opt, tasks, steps):
+    """The learned optimiser on MLP tasks by hand: losses of every step's
+    result on the next minibatch (steps, n)."""
+    params = {k: tf.constant(tasks[k]) for k in lo.MLP_PARAMETERS}
+    names, n = list(params), tasks["x"].shape[0]
+    state = opt.initial_state(sum(int(np.prod(params[k].shape)) for k in names))
+    losses = []
+    for t in range(steps):
+        with tf.GradientTape() as tape:
+            tape.watch(list(params.values()))
+            loss = tf.reduce_sum(lo.mlp_loss(params, tasks["x"][:, t], tasks["y"][:, t]))
+        grads = tape.gradient(loss, params)
+        flat = tf.concat([tf.reshape(grads[k], (n, -1)) for k in names], 1)
+        update, state = opt.step(tf.reshape(flat, (-1,)), state)
+        update = tf.split(tf.reshape(update, (n, -1)), [int(np.prod(params[k].shape[1:])) for k in names], 1)
+        params = {k: params[k] + tf.reshape(u, params[k].shape) for k, u in zip(names, update)}
+        after = (t + 1) % tasks["x"].shape[1]
+        losses.append(lo.mlp_loss(params, tasks["x"][:, after], tasks["y"][:, after]).numpy())
+    return np.array(losses)
+
+
+def test_lstm_optimizer_on_mlps_by_hand_and_meta_loss_on_the_next_minibatch():
+    keras.utils.set_random_seed(0)
+    tasks = lo.mlp_tasks(_feature_dataset(), 2, steps=4, batch_size=8, ways=3, seed=0)
+    opt = lo.LSTMOptimizer(hidden_size=6, unroll=4, truncations=1)
+    by_hand = _flat_mlp_run(opt, tasks, 4)
+    np.testing.assert_allclose(opt.optimize_mlps(tasks), by_hand, rtol=1e-4)
+    # the meta-loss of one truncation (reported before the LSTM's update) is the
+    # mean log loss of the 4 steps' results, each on the minibatch after its own
+    opt.compile(optimizer=keras.optimizers.SGD(0.0))
+    history = opt.fit(tf.data.Dataset.from_tensor_slices(tasks).batch(2), epochs=1, verbose=0)
+    np.testing.assert_allclose(history.history["meta_loss"][0], np.mean(np.log(by_hand + 1e-12)), rtol=1e-4)
 
 
 def test_meta_training_on_mlp_tasks_reduces_their_loss():
