@@ -269,6 +269,13 @@ class LSTMOptimizer(keras.Model):
             "log_loss": self.log_loss,
         }
 
+    def compile(self, optimizer="adam", **kwargs):
+        """Like ``keras.Model.compile``; also creates the optimiser's variables
+        now, so that the compiled truncation is traced once, not twice (a
+        ``tf.function`` that creates variables is traced again)."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.trainable_variables)
+
     # -- the update rule ------------------------------------------------------
 
     def initial_state(self, num_coordinates):
@@ -642,6 +649,23 @@ class MetaLSTMLearner(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker]
 
+    def _meta_and_initial_variables(self):
+        """(the LSTM's and the gates' variables, theta_0's variables)."""
+        initial = self.learner.trainable_variables
+        return [v for v in self.trainable_variables if not any(v is w for w in initial)], initial
+
+    def compile(self, optimizer="adam", **kwargs):
+        """Like ``keras.Model.compile``; also creates the optimisers' variables
+        now, so that the training step is traced once, not twice (a
+        ``tf.function`` that creates variables is traced again)."""
+        super().compile(optimizer=optimizer, **kwargs)
+        if self.initialisation_optimizer is None:
+            self.optimizer.build(self.trainable_variables)
+        else:
+            meta, initial = self._meta_and_initial_variables()
+            self.optimizer.build(meta)
+            self.initialisation_optimizer.build(initial)
+
     # -- the learner as a function of a flat parameter vector -------------------
 
     def _shapes(self):
@@ -749,8 +773,7 @@ class MetaLSTMLearner(keras.Model):
                 t[None] for t in (support_x, support_y, query_x, query_y)
             )
         tasks = support_x.shape[0]
-        initial = self.learner.trainable_variables  # theta_0
-        meta = [v for v in self.trainable_variables if not any(v is w for w in initial)]
+        meta, initial = self._meta_and_initial_variables()
         variables = meta + initial
         with tf.GradientTape() as tape:
             losses, accuracies = zip(

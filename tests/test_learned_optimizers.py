@@ -151,6 +151,8 @@ def test_meta_training_reduces_loss_on_held_out_quadratics():
     opt.fit(data, epochs=1, verbose=0)
     after = np.median(opt.optimize_quadratics(*test, 20).numpy()[-1])
     assert after < 0.5 * before
+    # compile created the optimiser's variables, so the truncation was traced once
+    assert opt._truncation.experimental_get_tracing_count() == 1
 
 
 def test_keras_baseline_on_quadratics_matches_plain_sgd():
@@ -388,6 +390,9 @@ def test_meta_lstm_initialisation_optimizer_trains_only_theta0():
         model = _meta_lstm()
         model.initialisation_optimizer = initialisation_optimizer
         model.compile(optimizer=keras.optimizers.SGD(0.1))
+        # compile creates the optimisers' variables (the training step is traced once)
+        assert model.optimizer.built
+        assert initialisation_optimizer is None or initialisation_optimizer.built
         before = [v.numpy() for v in model.trainable_variables]
         model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
         initial = {id(v) for v in model.learner.trainable_variables}
