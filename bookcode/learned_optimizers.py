@@ -269,12 +269,13 @@ class LSTMOptimizer(keras.Model):
             "log_loss": self.log_loss,
         }
 
-    def compile(self, optimizer="adam", **kwargs):
+    def compile(self, *args, **kwargs):
         """Like ``keras.Model.compile``; also creates the optimiser's variables
         now, so that the compiled truncation is traced once, not twice (a
         ``tf.function`` that creates variables is traced again)."""
-        super().compile(optimizer=optimizer, **kwargs)
-        self.optimizer.build(self.trainable_variables)
+        super().compile(*args, **kwargs)
+        if self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
 
     # -- the update rule ------------------------------------------------------
 
@@ -654,11 +655,14 @@ class MetaLSTMLearner(keras.Model):
         initial = self.learner.trainable_variables
         return [v for v in self.trainable_variables if not any(v is w for w in initial)], initial
 
-    def compile(self, optimizer="adam", **kwargs):
+    def compile(self, *args, **kwargs):
         """Like ``keras.Model.compile``; also creates the optimisers' variables
         now, so that the training step is traced once, not twice (a
-        ``tf.function`` that creates variables is traced again)."""
-        super().compile(optimizer=optimizer, **kwargs)
+        ``tf.function`` that creates variables is traced again). Set
+        ``initialisation_optimizer`` before compiling."""
+        super().compile(*args, **kwargs)
+        if self.optimizer is None:
+            return
         if self.initialisation_optimizer is None:
             self.optimizer.build(self.trainable_variables)
         else:

@@ -247,7 +247,9 @@ def _flat_mlp_run(opt, tasks, steps):
         grads = tape.gradient(loss, params)
         flat = tf.concat([tf.reshape(grads[k], (n, -1)) for k in names], 1)
         update, state = opt.step(tf.reshape(flat, (-1,)), state)
-        update = tf.split(tf.reshape(update, (n, -1)), [int(np.prod(params[k].shape[1:])) for k in names], 1)
+        update = tf.split(
+            tf.reshape(update, (n, -1)), [int(np.prod(params[k].shape[1:])) for k in names], 1
+        )
         params = {k: params[k] + tf.reshape(u, params[k].shape) for k, u in zip(names, update)}
         after = (t + 1) % tasks["x"].shape[1]
         losses.append(lo.mlp_loss(params, tasks["x"][:, after], tasks["y"][:, after]).numpy())
@@ -264,7 +266,9 @@ def test_lstm_optimizer_on_mlps_by_hand_and_meta_loss_on_the_next_minibatch():
     # mean log loss of the 4 steps' results, each on the minibatch after its own
     opt.compile(optimizer=keras.optimizers.SGD(0.0))
     history = opt.fit(tf.data.Dataset.from_tensor_slices(tasks).batch(2), epochs=1, verbose=0)
-    np.testing.assert_allclose(history.history["meta_loss"][0], np.mean(np.log(by_hand + 1e-12)), rtol=1e-4)
+    np.testing.assert_allclose(
+        history.history["meta_loss"][0], np.mean(np.log(by_hand + 1e-12)), rtol=1e-4
+    )
 
 
 def test_meta_training_on_mlp_tasks_reduces_their_loss():
