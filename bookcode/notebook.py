@@ -1,20 +1,51 @@
-"""Set-up shared by the chapter notebooks: seeds, quiet logs, plot defaults,
-and the run profile.
+"""Set-up shared by the chapter notebooks: seeds, repeatable runs, quiet logs,
+precision, plot defaults, the run profile, and recorded checks.
 
-The profile is ``quick`` (default: every notebook runs in at most 5 minutes on
-a 2-core CPU) or ``full`` (the papers' settings, meant for a GPU), chosen by
-the environment variable ``BOOKCODE_PROFILE``.
+Environment variables (all optional):
+
+- ``BOOKCODE_PROFILE``: ``quick`` (default: every notebook runs in at most 5
+  minutes on a 2-core CPU) or ``full`` (the papers' settings, meant for a GPU).
+- ``BOOKCODE_SEED``: overrides the seed a notebook passes to :func:`setup`.
+- ``BOOKCODE_PRECISION``: ``float32`` or ``bfloat16`` (read by
+  :func:`bookcode.nets.fast_precision`; the default is the fastest here).
+- ``BOOKCODE_DETERMINISTIC``: ``0`` skips op determinism (on by default).
+- ``BOOKCODE_CHECKS``: a file to which :func:`check` appends one JSON line per
+  checked quantity (``benchmarks/multirun.py`` reads it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import platform
 import random
+import re
+import sys
+import tempfile
 import warnings
 
 PROFILE_VAR = "BOOKCODE_PROFILE"
 PROFILES = ("quick", "full")
+SEED_VAR = "BOOKCODE_SEED"
+PRECISION_VAR = "BOOKCODE_PRECISION"
+DETERMINISTIC_VAR = "BOOKCODE_DETERMINISTIC"
+CHECKS_VAR = "BOOKCODE_CHECKS"
+
+# Lines TensorFlow 2.21 writes to stderr while it is imported on a machine
+# without CUDA, whatever TF_CPP_MIN_LOG_LEVEL says (they come before absl
+# logging is initialised; tensorflow/tensorflow#100442). Only these are dropped;
+# any other line (a failed CUDA library load, a cuDNN mismatch) is shown.
+_HARMLESS_IMPORT_LINES = (
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called",
+    r"cudart_stub\.cc.*\] Could not find cuda drivers on your machine",
+    r"cpu_feature_guard\.cc.*\] This TensorFlow binary is optimized",
+    r"^To enable the following instructions: .* rebuild TensorFlow",
+)
+# cuInit fails when no NVIDIA driver is installed at all; only then it is noise.
+_NO_DRIVER = re.compile(r"cudart_stub\.cc.*Could not find cuda drivers")
+_CUINIT_FAILED = re.compile(r"cuda_platform\.cc.*failed call to cuInit")
 
 
 def profile() -> str:
@@ -31,26 +62,176 @@ def by_profile(quick, full):
 
 
 def setup(seed: int = 0) -> str:
-    """Seed Python, NumPy and Keras, silence TensorFlow's logs, set plot
-    defaults; returns the profile. Call it at the top of every notebook."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+    """Prepare a chapter notebook; returns the profile (``"quick"`` or ``"full"``).
+
+    Seeds Python, NumPy and Keras (``$BOOKCODE_SEED`` overrides ``seed``),
+    turns on TensorFlow's op determinism so that a run repeats exactly on one
+    machine (``BOOKCODE_DETERMINISTIC=0`` turns it off), sets the Keras dtype
+    policy to :func:`bookcode.nets.fast_precision` (``$BOOKCODE_PRECISION``),
+    sets readable plot defaults, and prints one line: profile, seed, device
+    and precision.
+
+    Logs: the notebook's first code cell sets ``TF_CPP_MIN_LOG_LEVEL`` and
+    calls ``setup()`` before anything imports TensorFlow or Keras::
+
+        import os
+
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's C++ errors only
+
+        import bookcode.notebook
+
+        profile = bookcode.notebook.setup(seed=3)  # before importing keras
+
+    TensorFlow 2.21 prints a few notices at import that the log level does not
+    reach (no CUDA driver, CPU instruction sets); ``setup()`` imports
+    TensorFlow itself and drops exactly those lines, showing any other. It sets
+    the ``tensorflow`` and ``absl`` Python loggers to ERROR and filters one
+    known-harmless Keras warning; all other warnings are shown.
+    """
+    seed = int(os.environ.get(SEED_VAR, "").strip() or seed)
+    _import_tensorflow()
     import keras
     import numpy as np
     import tensorflow as tf
 
+    from bookcode import nets
+
     tf.get_logger().setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # fit() passes shuffle=True by default; our episode datasets are already
+    # random, so Keras's note that it ignores the flag for a tf.data.Dataset is noise.
+    warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed, but will be ignored")
     random.seed(seed)
     np.random.seed(seed)
     keras.utils.set_random_seed(seed)
+    deterministic = os.environ.get(DETERMINISTIC_VAR, "1").strip() not in ("0", "false", "no")
+    _set_op_determinism(deterministic)
+    precision = nets.fast_precision()
+    keras.mixed_precision.set_global_policy(precision)
+    _plot_defaults()
+    print(
+        f"bookcode: profile {profile()}, seed {seed}, {device_name()}, precision {precision}"
+        + ("" if deterministic else ", op determinism off")
+    )
+    return profile()
+
+
+def device_name() -> str:
+    """The device TensorFlow computes on: the GPU's name, or the CPU model."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        name = details.get("device_name", gpus[0].name)
+        return f"GPU {name}" + (f" (+{len(gpus) - 1} more)" if len(gpus) > 1 else "")
+    return f"CPU {_cpu_model()} ({os.cpu_count()} cores, TensorFlow sees no GPU)"
+
+
+def check(name: str, value, *, at_least=None, at_most=None) -> float:
+    """Assert ``at_least <= value <= at_most`` (either bound optional) and
+    record ``name=value``; returns the value as a float.
+
+    ``value`` is a number, a scalar array or tensor, or an
+    :class:`~bookcode.evaluation.EvaluationResult` (its mean is checked).
+    With ``$BOOKCODE_CHECKS`` set, appends one JSON line to that file whether
+    the check passes or not. Prints nothing; a failure raises AssertionError
+    naming the quantity.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"check() needs a non-empty name, got {name!r}")
+    if at_least is None and at_most is None:
+        raise ValueError(f"check({name!r}) needs at_least= or at_most=")
+    if hasattr(value, "ci95"):
+        value = value.mean
+    value = float(value)
+    failed = []
+    if math.isnan(value):
+        failed.append("is NaN")
+    if at_least is not None and not value >= at_least:
+        failed.append(f"is below the required {at_least:g}")
+    if at_most is not None and not value <= at_most:
+        failed.append(f"is above the allowed {at_most:g}")
+    path = os.environ.get(CHECKS_VAR)
+    if path:
+        record = {"name": name, "value": value, "at_least": at_least, "at_most": at_most}
+        with open(path, "a") as f:
+            f.write(json.dumps({**record, "passed": not failed}) + "\n")
+    if failed:
+        raise AssertionError(f"{name} = {value:.4g} " + " and ".join(failed))
+    return value
+
+
+def _import_tensorflow():
+    """Import TensorFlow, hiding only the known-harmless notices it writes to
+    stderr (file descriptor 2) at import; other lines are written back."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+    kept = _unexpected_import_lines(text)
+    if kept:
+        sys.stderr.write("\n".join(kept) + "\n")
+        sys.stderr.flush()
+
+
+def _unexpected_import_lines(text: str) -> list[str]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    no_driver = any(_NO_DRIVER.search(line) for line in lines)
+    return [
+        line
+        for line in lines
+        if not any(re.search(p, line) for p in _HARMLESS_IMPORT_LINES)
+        and not (no_driver and _CUINIT_FAILED.search(line))
+    ]
+
+
+def _set_op_determinism(enabled: bool):
+    import tensorflow as tf
+    from tensorflow.python.framework import config
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    elif config.is_op_determinism_enabled():
+        config.disable_op_determinism()  # no public API; setup() may be called again
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _plot_defaults():
+    """Readable figures: 100 dpi, 10 pt text, no grid lines (so none on images;
+    :mod:`bookcode.plotting` adds a light grid to curves)."""
     try:
         import matplotlib.pyplot as plt
-
-        plt.rcParams.update(
-            {"figure.figsize": (6, 3.5), "figure.dpi": 80, "axes.grid": True, "font.size": 10}
-        )
     except ImportError:
-        pass
-    return profile()
+        return
+    plt.rcParams.update(
+        {
+            "figure.figsize": (6, 3.5),
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "font.size": 10,
+            "axes.grid": False,
+        }
+    )

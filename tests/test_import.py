@@ -1,0 +1,43 @@
+"""``import bookcode`` changes no process-wide setting and no file descriptor."""
+
+import subprocess
+import sys
+
+PROBE = """
+import os, sys
+before = (os.environ.get("TF_CPP_MIN_LOG_LEVEL"), os.fstat(2).st_ino, os.fstat(2).st_dev)
+import bookcode
+import bookcode.notebook
+after = (os.environ.get("TF_CPP_MIN_LOG_LEVEL"), os.fstat(2).st_ino, os.fstat(2).st_dev)
+assert before == after, (before, after)
+assert "tensorflow" not in sys.modules and "matplotlib" not in sys.modules
+os.write(2, b"fd2-still-works\\n")
+"""
+
+
+def run(code):
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_import_bookcode_leaves_environment_and_stderr_alone():
+    result = run(PROBE)
+    assert result.returncode == 0, result.stderr
+    assert "fd2-still-works" in result.stderr
+
+
+def test_tensorflow_import_notices_stay_visible_after_import_bookcode():
+    def notices(code):
+        lines = run(code).stderr.splitlines()
+        return [line.split("]")[-1] for line in lines if "]" in line]  # drop timestamps
+
+    plain = notices("import tensorflow as tf; tf.config.list_physical_devices()")
+    after = notices("import bookcode, tensorflow as tf; tf.config.list_physical_devices()")
+    assert after == plain
