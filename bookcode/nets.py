@@ -70,10 +70,27 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
+PRECISION_VAR = "BOOKCODE_PRECISION"
+
+
 def fast_precision() -> str:
     """The Keras dtype policy that trains convolutions fastest here:
     ``"mixed_bfloat16"`` on CPUs with bfloat16 matrix units (x86 AMX or
-    AVX512-BF16; 2-3x faster convolutions), else ``"float32"``."""
+    AVX512-BF16; 2-3x faster convolutions), else ``"float32"``.
+
+    The environment variable ``BOOKCODE_PRECISION`` overrides the detection:
+    ``float32`` or ``bfloat16`` (mixed precision, even without hardware
+    support)."""
+    import os
+
+    choice = os.environ.get(PRECISION_VAR)
+    if choice is not None:
+        policies = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+        if choice not in policies:
+            raise ValueError(
+                f"{PRECISION_VAR}={choice!r}: choose one of {sorted(policies)} or unset it"
+            )
+        return policies[choice]
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
@@ -86,15 +103,35 @@ def fast_precision() -> str:
     return "mixed_bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
+_BATCH_NORMS = {
+    "exact": BatchNormalization,
+    "fused": FusedBatchNormalization,
+    "keras": layers.BatchNormalization,
+}
+
+
+def _batch_norm_class(batch_norm, fused_batch_norm):
+    if batch_norm is None:
+        return FusedBatchNormalization if fused_batch_norm else BatchNormalization
+    if batch_norm not in _BATCH_NORMS or (fused_batch_norm and batch_norm != "fused"):
+        raise ValueError(
+            f"batch_norm must be one of {sorted(_BATCH_NORMS)} (fused_batch_norm=True "
+            f'is "fused"), got {batch_norm!r} with fused_batch_norm={fused_batch_norm}'
+        )
+    return _BATCH_NORMS[batch_norm]
+
+
 def conv_block(
     filters: int,
     name: str | None = None,
     fused_batch_norm: bool = False,
     batch_norm_momentum: float = 0.99,
     dtype=None,
+    batch_norm: str | None = None,
 ) -> keras.Sequential:
-    """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling."""
-    norm = FusedBatchNormalization if fused_batch_norm else BatchNormalization
+    """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling.
+    ``batch_norm``: see :func:`conv4`."""
+    norm = _batch_norm_class(batch_norm, fused_batch_norm)
     return keras.Sequential(
         [
             layers.Conv2D(filters, 3, padding="same", dtype=dtype),
@@ -114,22 +151,39 @@ def conv4(
     fused_batch_norm: bool = False,
     batch_norm_momentum: float = 0.99,
     dtype=None,
+    blocks: int = 4,
+    batch_norm: str | None = None,
 ) -> keras.Sequential:
     """The Conv-4 backbone of few-shot learning (Vinyals et al. 2016; Snell et
-    al. 2017; Finn et al. 2017): four blocks of [3x3 conv ``filters``, batch
-    norm, ReLU, 2x2 max-pool], flattened. For 28x28 inputs the embedding has
+    al. 2017; Finn et al. 2017; Ravi & Larochelle 2017 with 32 filters):
+    ``blocks`` (default four) blocks of [3x3 conv ``filters``, batch norm,
+    ReLU, 2x2 max-pool], flattened. For 28x28 inputs the embedding has
     ``filters`` dimensions. With ``num_classes`` a dense head gives logits.
-    ``fused_batch_norm=True`` uses :class:`FusedBatchNormalization` (faster
-    on CPU); ``batch_norm_momentum=0.9`` matches PyTorch's default, whose
-    moving averages settle within a short training run. ``dtype`` is a
-    Keras dtype policy for every layer (e.g. :func:`fast_precision`), default
-    the global one.
+
+    ``batch_norm`` chooses the normalisation layer: ``"exact"`` (default,
+    :class:`BatchNormalization`, exact second derivatives), ``"fused"``
+    (:class:`FusedBatchNormalization`, faster on CPU; ``fused_batch_norm=True``
+    is the same) or ``"keras"`` (``keras.layers.BatchNormalization``).
+    ``batch_norm_momentum=0.9`` matches PyTorch's default, whose moving
+    averages settle within a short training run. ``dtype`` is a Keras dtype
+    policy for every layer (e.g. :func:`fast_precision`), default the global
+    one.
     """
+    if blocks < 1:
+        raise ValueError(f"blocks must be positive, got {blocks}")
+    _batch_norm_class(batch_norm, fused_batch_norm)  # check the choice early
     model = keras.Sequential(name=name)
     model.add(keras.Input(shape=input_shape))
-    for i in range(4):
+    for i in range(blocks):
         model.add(
-            conv_block(filters, f"block{i + 1}", fused_batch_norm, batch_norm_momentum, dtype)
+            conv_block(
+                filters,
+                f"block{i + 1}",
+                fused_batch_norm,
+                batch_norm_momentum,
+                dtype,
+                batch_norm,
+            )
         )
     model.add(layers.Flatten(dtype=dtype))
     if num_classes is not None:

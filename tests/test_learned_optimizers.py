@@ -9,6 +9,8 @@ import pytest
 import tensorflow as tf
 
 from bookcode import learned_optimizers as lo
+from bookcode import nets
+from bookcode.learned_optimizers.meta_lstm import _logit
 
 # -- preprocessing -----------------------------------------------------------
 
@@ -317,8 +319,15 @@ def _episode(ways=3, shots=2, queries=2, seed=0):
     return sx, np.repeat(np.arange(ways), shots), qx, np.repeat(np.arange(ways), queries)
 
 
+def _learner(ways, filters, blocks=4, input_shape=(28, 28, 1)):
+    """The meta-LSTM's learner: Conv-4 with few filters and Keras batch norm."""
+    return nets.conv4(
+        input_shape, filters, num_classes=ways, blocks=blocks, batch_norm="keras", name="learner"
+    )
+
+
 def _meta_lstm(ways=3, steps=2):
-    learner = lo.small_convnet(ways, filters=4, blocks=2, input_shape=(12, 12, 1))
+    learner = _learner(ways, filters=4, blocks=2, input_shape=(12, 12, 1))
     return lo.MetaLSTMLearner(learner, steps=steps, hidden_size=6)
 
 
@@ -343,7 +352,7 @@ def test_meta_lstm_with_frozen_encoder():
     encoder = keras.Sequential(
         [keras.Input((12, 12, 1)), keras.layers.Conv2D(3, 3, padding="same")]
     )
-    learner = lo.small_convnet(3, filters=4, blocks=1, input_shape=(12, 12, 3))
+    learner = _learner(3, filters=4, blocks=1, input_shape=(12, 12, 3))
     model = lo.MetaLSTMLearner(learner, steps=2, hidden_size=6, encoder=encoder)
     sx, sy, qx, _ = _episode()
     assert model.predict_episode(sx, sy, qx).shape == (6, 3)
@@ -358,7 +367,7 @@ def test_meta_lstm_with_hand_set_gates_reduces_to_gradient_descent():
     model.meta_cell.w_forget.assign(tf.zeros_like(model.meta_cell.w_forget))
     model.meta_cell.w_input.assign(tf.zeros_like(model.meta_cell.w_input))
     model.meta_cell.b_forget.assign([30.0])
-    model.meta_cell.b_input.assign([lo._logit(0.1)])
+    model.meta_cell.b_input.assign([_logit(0.1)])
     theta0 = model.initial_parameters()
     _, grad = model._support_loss_and_gradient(theta0, tf.constant(sx), tf.constant(sy, tf.int32))
     theta1, forget, rate = model.adapt(sx, sy)
@@ -418,7 +427,7 @@ def test_meta_lstm_learns_on_real_omniglot():
 
     keras.utils.set_random_seed(0)
     train, test = omniglot("train"), omniglot("test")
-    model = lo.MetaLSTMLearner(lo.small_convnet(5, filters=16), steps=3, initial_learning_rate=0.3)
+    model = lo.MetaLSTMLearner(_learner(5, filters=16), steps=3, initial_learning_rate=0.3)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     episodes = EpisodeSampler(test, ways=5, shots=1, queries=5, seed=1).fixed(30)
     before = evaluate(model, episodes).mean
@@ -430,7 +439,7 @@ def test_meta_lstm_learns_on_real_omniglot():
 
 def test_fine_tuner_is_plain_gradient_descent():
     keras.utils.set_random_seed(0)
-    learner = lo.small_convnet(3, filters=4, blocks=2, input_shape=(12, 12, 1))
+    learner = _learner(3, filters=4, blocks=2, input_shape=(12, 12, 1))
     sx, sy, qx, _ = _episode()
     tuner = lo.FineTuner(learner, steps=1, learning_rate=0.1)
     model = lo.MetaLSTMLearner(learner, steps=1)

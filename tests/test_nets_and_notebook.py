@@ -28,6 +28,51 @@ def test_conv4_dtype_policy_and_weight_transfer_between_batch_norms():
     assert nets.fast_precision() in ("float32", "mixed_bfloat16")
 
 
+def test_conv4_blocks_and_batch_norm_choice():
+    import keras
+
+    from bookcode.nets import BatchNormalization, FusedBatchNormalization
+
+    small = nets.conv4((12, 12, 1), filters=4, num_classes=3, blocks=2, batch_norm="keras")
+    assert small.output_shape == (None, 3)
+    assert [l.name for l in small.layers[:2]] == ["block1", "block2"] and len(small.layers) == 4
+    # 2 x (conv 3*3*1*4+4 or 3*3*4*4+4, batch norm 4*4) + dense (3*3*4)*3+3
+    assert small.count_params() == (40 + 16) + (148 + 16) + 111
+    norms = {
+        choice: type(nets.conv4(filters=2, blocks=1, batch_norm=choice).layers[0].layers[1])
+        for choice in ("exact", "fused", "keras")
+    }
+    assert norms == {
+        "exact": BatchNormalization,
+        "fused": FusedBatchNormalization,
+        "keras": keras.layers.BatchNormalization,
+    }
+    fused = nets.conv4(filters=2, blocks=1, fused_batch_norm=True).layers[0].layers[1]
+    assert type(fused) is FusedBatchNormalization
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        nets.conv4(batch_norm="group")
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        nets.conv4(batch_norm="keras", fused_batch_norm=True)
+    with pytest.raises(ValueError, match="blocks must be positive"):
+        nets.conv4(blocks=0)
+
+
+def test_fast_precision_environment_override(monkeypatch):
+    monkeypatch.delenv(nets.PRECISION_VAR, raising=False)
+    detected = nets.fast_precision()
+    assert detected in ("float32", "mixed_bfloat16")
+    monkeypatch.setenv(nets.PRECISION_VAR, "float32")
+    assert nets.fast_precision() == "float32"
+    monkeypatch.setenv(nets.PRECISION_VAR, "bfloat16")  # forced, whatever the hardware
+    assert nets.fast_precision() == "mixed_bfloat16"
+    for bad in ("float16", "mixed_bfloat16", ""):
+        monkeypatch.setenv(nets.PRECISION_VAR, bad)
+        with pytest.raises(ValueError, match="BOOKCODE_PRECISION"):
+            nets.fast_precision()
+    monkeypatch.delenv(nets.PRECISION_VAR)
+    assert nets.fast_precision() == detected
+
+
 def test_profile_switch(monkeypatch):
     monkeypatch.delenv(notebook.PROFILE_VAR, raising=False)
     assert notebook.profile() == "quick"

@@ -1,0 +1,40 @@
+"""Optimisers that are learned rather than designed.
+
+- :mod:`.problems`: the optimisees, random quadratics and small MLP tasks, and
+  Keras optimisers run on them as baselines.
+- :mod:`.lstm_optimizer`: :class:`LSTMOptimizer`, "Learning to learn by
+  gradient descent by gradient descent" (Andrychowicz et al. 2016).
+- :mod:`.meta_lstm`: :class:`MetaLSTMLearner`, "Optimization as a model for
+  few-shot learning" (Ravi & Larochelle 2017).
+"""
+
+from .lstm_optimizer import LSTMOptimizer, preprocess_gradients
+from .meta_lstm import FineTuner, MetaLSTMCell, MetaLSTMLearner
+from .problems import (
+    MLP_PARAMETERS,
+    init_mlp_parameters,
+    mlp_loss,
+    mlp_tasks,
+    optimize_mlps_with,
+    optimize_quadratics_with,
+    quadratic_loss,
+    quadratic_loss_and_gradient,
+    random_quadratics,
+)
+
+__all__ = [
+    "MLP_PARAMETERS",
+    "FineTuner",
+    "LSTMOptimizer",
+    "MetaLSTMCell",
+    "MetaLSTMLearner",
+    "init_mlp_parameters",
+    "mlp_loss",
+    "mlp_tasks",
+    "optimize_mlps_with",
+    "optimize_quadratics_with",
+    "preprocess_gradients",
+    "quadratic_loss",
+    "quadratic_loss_and_gradient",
+    "random_quadratics",
+]
