@@ -51,7 +51,7 @@ def test_second_order_meta_gradient_matches_finite_differences(steps, batch_norm
     model = tiny_net(batch_norm=batch_norm)
     maml = meta.MAML(model, inner_lr=0.5, inner_steps=steps)
     task = tiny_task()
-    _, _, grads = maml.task_gradients(*batched(task))
+    _, grads = maml.task_gradients(*batched(task))
     analytic = np.concatenate([g.numpy()[0].ravel() for g in grads])
 
     theta = [v.numpy() for v in model.trainable_variables]
@@ -71,7 +71,7 @@ def test_second_order_meta_gradient_matches_finite_differences(steps, batch_norm
     assert rel < 1e-3
     # And the second-order terms matter: the first-order gradient differs.
     fo = meta.MAML(model, inner_lr=0.5, inner_steps=steps, first_order=True)
-    _, _, fo_grads = fo.task_gradients(*batched(task))
+    _, fo_grads = fo.task_gradients(*batched(task))
     first = np.concatenate([g.numpy()[0].ravel() for g in fo_grads])
     assert np.linalg.norm(first - numeric) / np.linalg.norm(numeric) > 1e-3
 
@@ -80,7 +80,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_weights():
     model = tiny_net()
     maml = meta.MAML(model, inner_lr=0.5, inner_steps=2, first_order=True)
     task = tiny_task(1)
-    _, _, grads = maml.task_gradients(*batched(task))
+    _, grads = maml.task_gradients(*batched(task))
     sx, sy, qx, qy = (tf.constant(a) for a in task)
     params = [v.value for v in model.trainable_variables]
     for _ in range(2):
@@ -98,22 +98,32 @@ def test_first_order_gradient_is_query_gradient_at_adapted_weights():
 
 def test_adapt_is_plain_gradient_descent_and_records_history():
     # One parameter w, loss (w - 3)^2, rate 0.25: w halves its distance to 3.
-    def loss_fn(params):
+    def loss_fn(params, step):
         return tf.square(params[0] - 3.0)
 
-    fast, history = meta.adapt(loss_fn, [tf.constant(1.0)], 0.25, 3, metric_fn=loss_fn)
-    assert float(fast[0]) == pytest.approx(2.75)
-    np.testing.assert_allclose(history.numpy(), [4.0, 1.0, 0.25, 0.0625])
+    def metric_fn(params):
+        return loss_fn(params, 0)
+
+    for first_order in (False, True):  # unrolled, graph loop
+        fast, history = meta.adapt(
+            loss_fn, [tf.constant(1.0)], 3, 0.25, first_order=first_order, metric_fn=metric_fn
+        )
+        assert float(fast[0]) == pytest.approx(2.75)
+        np.testing.assert_allclose(history.numpy(), [4.0, 1.0, 0.25, 0.0625])
     # One rate per parameter (Meta-SGD style).
-    fast, none = meta.adapt(loss_fn, [tf.constant(1.0)], [tf.constant(0.5)], 1)
+    fast, none = meta.adapt(loss_fn, [tf.constant(1.0)], 1, [tf.constant(0.5)])
     assert float(fast[0]) == pytest.approx(3.0) and none is None
 
 
 def test_adapt_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="steps"):
+        meta.adapt(lambda p, s: p[0], [tf.constant(1.0)], -1, 0.1)
+    with pytest.raises(ValueError, match="rate has 2"):
+        meta.adapt(lambda p, s: p[0], [tf.constant(1.0)], 1, [0.1, 0.2])
+    with pytest.raises(ValueError, match="first_order=True"):
+        meta.adapt(lambda p, s: p[0], [tf.constant(1.0)], tf.constant(2), 0.1)
     with pytest.raises(ValueError, match="inner_steps"):
-        meta.adapt(lambda p: p[0], [tf.constant(1.0)], 0.1, -1)
-    with pytest.raises(ValueError, match="inner_lr has 2"):
-        meta.adapt(lambda p: p[0], [tf.constant(1.0)], [0.1, 0.2], 1)
+        meta.MAML(tiny_net(), inner_steps=-1)
     with pytest.raises(ValueError, match="kind"):
         meta.MAML(tiny_net(), kind="ranking")
     with pytest.raises(ValueError, match="build the model"):
@@ -159,8 +169,8 @@ def test_adml_perturbation_is_nonzero_and_bounded():
     assert delta.max() <= 0.05 + 1e-6
     assert (delta > 0.04).mean() > 0.5  # the pixel gradient is not zero
     # The full objective runs and gives finite meta-gradients.
-    losses, _, grads = adml.task_gradients(*batched((sx, np.arange(3), sx, np.arange(3))))
-    assert np.isfinite(losses.numpy()).all()
+    results, grads = adml.task_gradients(*batched((sx, np.arange(3), sx, np.arange(3))))
+    assert np.isfinite(results["loss"].numpy()).all()
     assert all(np.isfinite(g.numpy()).all() for g in grads)
     queries = meta.adversarial_queries(adml, sx, np.arange(3), sx, np.arange(3), 0.05)
     assert 0 < np.abs(queries - sx).max() <= 0.05 + 1e-6
@@ -178,7 +188,7 @@ def test_caml_adapts_only_the_context():
     assert context.shape == (2,) and np.abs(context.numpy()).sum() > 0
     assert history.shape == (3, 2) and history[-1, 0] < history[0, 0]
     assert caml.predict_episode(*task.inputs()).shape == (5, 1)
-    _, _, grads = caml.task_gradients(
+    _, grads = caml.task_gradients(
         *[
             tf.constant(a[None])
             for a in (task.support_x, task.support_y, task.query_x, task.query_y)

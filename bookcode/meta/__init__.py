@@ -1,0 +1,57 @@
+"""Gradient-based meta-learning on one inner-loop engine (chapters 1, 6-8).
+
+The engine is :func:`adapt`: ``steps`` updates of *fast weights* (tensors
+standing in for a Keras model's trainable variables, run through
+:func:`forward`, ``keras.Model.stateless_call``) by a pluggable
+:class:`UpdateRule` (:class:`SGD` with one rate or one per parameter,
+:class:`Adam`), on a step-aware loss ``loss_fn(params, step)``. Gradients
+flow through the inner loop (second order) unless ``first_order=True``;
+long first-order loops run as one graph loop.
+
+Learners, ``keras.Model`` subclasses trained with ``fit()`` on meta-batches
+``((support_x, support_y, query_x), query_y)`` with a leading task axis,
+saved with ``save()``/``keras.models.load_model``, all with
+``predict_episode`` and ``adapt``:
+
+- :class:`MAML` (Finn, Abbeel & Levine 2017, "Model-Agnostic Meta-Learning
+  for Fast Adaptation of Deep Networks"), classification and regression;
+- :class:`ADML` (Yin et al. 2018, "Adversarial Meta-Learning"), FGSM
+  adversarial support and query sets;
+- :class:`CAML` (Zintgraf et al. 2019, "Fast Context Adaptation via
+  Meta-Learning", CAVIA): only a context vector is adapted per task;
+- :class:`FineTuning`, the fine-tuning baseline (Ravi & Larochelle 2017).
+
+The tasks of a meta-batch run inside one compiled ``tf.function`` through
+``tf.map_fn``, each returning its own meta-gradient, which a ``combiner``
+merges (default :func:`mean_gradients`).
+"""
+
+from .baselines import FineTuning
+from .combiners import mean_gradients
+from .inner_loop import adapt, connect_gradients, forward
+from .learners import ADML, CAML, MAML, AdaptedModel, GradientMetaLearner, adversarial_queries
+from .objectives import CLASSIFICATION, REGRESSION, fgsm, metric_name, task_loss, task_metric
+from .update_rules import SGD, Adam, UpdateRule
+
+__all__ = [
+    "ADML",
+    "CAML",
+    "CLASSIFICATION",
+    "MAML",
+    "REGRESSION",
+    "SGD",
+    "Adam",
+    "AdaptedModel",
+    "FineTuning",
+    "GradientMetaLearner",
+    "UpdateRule",
+    "adapt",
+    "adversarial_queries",
+    "connect_gradients",
+    "fgsm",
+    "forward",
+    "mean_gradients",
+    "metric_name",
+    "task_loss",
+    "task_metric",
+]
