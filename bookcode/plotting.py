@@ -1,0 +1,266 @@
+"""The figures the chapters draw: an episode, learning curves, adaptation
+curves, embeddings in 2-D, and heat maps (attention, memory weights, Gram
+matrices).
+
+Every function takes an optional matplotlib ``ax`` to draw into (else it makes
+a new figure) and returns the Figure. Arrays may be NumPy arrays or tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def show_episode(
+    episode_or_support_x,
+    support_y=None,
+    query_x=None,
+    query_y=None,
+    *,
+    queries_per_class: int = 4,
+    class_names=None,
+    title: str | None = None,
+    cmap: str = "gray_r",
+    ax=None,
+):
+    """An episode as one grid of images: a row per class, its support
+    examples then up to ``queries_per_class`` of its queries.
+
+    Pass an :class:`~bookcode.episodes.Episode`, or ``support_x`` (n, H, W[, C]),
+    ``support_y`` (n,), ``query_x`` (m, H, W[, C]), ``query_y`` (m,) with
+    labels ``0..ways-1``. ``class_names`` label the rows.
+    """
+    if support_y is None:
+        e = episode_or_support_x
+        try:
+            support_x, support_y, query_x, query_y = e.support_x, e.support_y, e.query_x, e.query_y
+        except AttributeError:
+            raise TypeError(
+                "show_episode takes an Episode, or support_x, support_y, query_x, query_y"
+            ) from None
+    else:
+        support_x = episode_or_support_x
+        if query_x is None or query_y is None:
+            raise TypeError("show_episode needs query_x and query_y with support_x, support_y")
+    support_x, query_x = _images(support_x, "support_x"), _images(query_x, "query_x")
+    support_y, query_y = (
+        _labels(support_y, support_x, "support_y"),
+        _labels(query_y, query_x, "query_y"),
+    )
+    if support_x.shape[1:] != query_x.shape[1:]:
+        raise ValueError(
+            f"support images {support_x.shape[1:]} and queries {query_x.shape[1:]} differ"
+        )
+    ways = int(max(support_y.max(), query_y.max())) + 1
+    shots = max(int(np.sum(support_y == c)) for c in range(ways))
+    queries = min(queries_per_class, max(int(np.sum(query_y == c)) for c in range(ways)))
+    h, w = support_x.shape[1:3]
+    pad = max(1, h // 10)
+    columns = shots + queries
+    grid = np.full(
+        (ways * (h + pad) - pad, columns * (w + pad) + pad, *support_x.shape[3:]), np.nan
+    )
+    if support_x.ndim == 4:  # colour: a white gap instead of a masked one
+        grid[:] = 1.0
+    for c in range(ways):
+        placed = [(j, img) for j, img in enumerate(support_x[support_y == c])]
+        placed += [(shots + j, img) for j, img in enumerate(query_x[query_y == c][:queries])]
+        for j, img in placed:
+            x0 = j * (w + pad) + (2 * pad if j >= shots else 0)  # a wider gap before queries
+            grid[c * (h + pad) : c * (h + pad) + h, x0 : x0 + w] = img
+    fig, ax = _figure(ax, (0.8 + 0.6 * columns, 0.4 + 0.6 * ways))
+    ax.imshow(grid, cmap=cmap, interpolation="nearest")
+    ax.grid(False)
+    names = class_names if class_names is not None else [f"class {c}" for c in range(ways)]
+    if len(names) != ways:
+        raise ValueError(f"{len(names)} class_names for {ways} classes")
+    ax.set_yticks([c * (h + pad) + h / 2 for c in range(ways)], [str(n) for n in names])
+    centres = [shots * (w + pad) / 2, shots * (w + pad) + 2 * pad + queries * (w + pad) / 2]
+    ax.set_xticks(centres[: 1 + (queries > 0)], ["support", "queries"][: 1 + (queries > 0)])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def learning_curves(
+    history, *, x=None, xlabel: str | None = None, title: str | None = None, logy=False, ax=None
+):
+    """Training curves from a Keras ``History`` or a dict ``name -> values``.
+
+    Series whose name contains ``loss`` or ``mse`` go on the left axes, the
+    others (accuracies ...) on the right; with ``ax`` all share it. ``x`` is
+    the position of each point (default: epochs, or training steps when the
+    History knows its steps per epoch).
+    """
+    series = getattr(history, "history", history)
+    if not isinstance(series, dict) or not series:
+        raise TypeError("learning_curves takes a keras History or a non-empty dict of series")
+    series = {name: _vector(values, name) for name, values in series.items()}
+    lengths = {len(v) for v in series.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"series of different lengths: { {k: len(v) for k, v in series.items()} }")
+    (n,) = lengths
+    steps = getattr(history, "params", {}).get("steps") if hasattr(history, "history") else None
+    if x is None:
+        x = np.arange(1, n + 1) * (steps or 1)
+        xlabel = xlabel or ("training step" if steps else "epoch")
+    x = _vector(x, "x")
+    if len(x) != n:
+        raise ValueError(f"x has {len(x)} points, the series {n}")
+    losses = {k: v for k, v in series.items() if "loss" in k or "mse" in k}
+    others = {k: v for k, v in series.items() if k not in losses}
+    groups = [g for g in (losses, others) if g]
+    if ax is not None:
+        fig, axes = ax.figure, [ax] * len(groups)
+    else:
+        fig, axes = _figure(None, (4.5 * len(groups), 3.2), ncols=len(groups))
+        axes = np.atleast_1d(axes)
+    for a, group in zip(axes, groups):
+        for name, values in group.items():
+            a.plot(x, values, label=name)
+        a.set(xlabel=xlabel or "", yscale="log" if logy and group is losses else "linear")
+        a.grid(True, alpha=0.3)
+        a.legend()
+    if title:
+        (fig.suptitle if ax is None else axes[0].set_title)(title)
+    if ax is None:
+        fig.tight_layout()
+    return fig
+
+
+def adaptation_curve(
+    values, *, ylabel: str = "query accuracy", title: str | None = None, logy=False, ax=None
+):
+    """A metric after 0, 1, 2 ... inner steps of adaptation.
+
+    ``values`` is one curve (steps + 1,), or (tasks, steps + 1) drawn as the
+    mean with a 95% confidence band, or a dict ``name -> either`` for several
+    learners.
+    """
+    curves = values if isinstance(values, dict) else {None: values}
+    if not curves:
+        raise ValueError("adaptation_curve needs at least one curve")
+    fig, ax = _figure(ax, (5, 3.2))
+    for name, curve in curves.items():
+        curve = np.asarray(curve, dtype=np.float64)
+        if curve.ndim == 1:
+            curve = curve[None]
+        if curve.ndim != 2 or curve.shape[1] < 1:
+            raise ValueError(
+                f"a curve has shape (steps + 1,) or (tasks, steps + 1), got {curve.shape}"
+            )
+        steps, mean = np.arange(curve.shape[1]), curve.mean(axis=0)
+        (line,) = ax.plot(steps, mean, marker="o", label=name)
+        if len(curve) > 1:
+            ci = 1.96 * curve.std(axis=0) / np.sqrt(len(curve))
+            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="inner gradient steps", ylabel=ylabel, yscale="log" if logy else "linear")
+    ax.set_xticks(steps if len(steps) <= 12 else ax.get_xticks())
+    ax.grid(True, alpha=0.3)
+    if any(name is not None for name in curves):
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def embeddings_2d(points, labels, prototypes=None, *, title: str | None = None, ax=None):
+    """Embedded examples (dots, a colour per class) and optionally their class
+    prototypes (stars, row ``k`` for class ``k``); projected to 2-D by PCA on
+    ``points`` when they have more than two dimensions."""
+    points = np.asarray(points, dtype=np.float64)
+    labels = np.asarray(labels)
+    if points.ndim != 2 or len(points) < 2:
+        raise ValueError(f"points must be (n >= 2, dims), got shape {points.shape}")
+    if labels.shape != (len(points),):
+        raise ValueError(f"labels must have shape ({len(points)},), got {labels.shape}")
+    centre = points.mean(axis=0)
+    if points.shape[1] > 2:
+        _, _, components = np.linalg.svd(points - centre, full_matrices=False)
+        project = lambda v: (v - centre) @ components[:2].T
+    else:
+        project = lambda v: v
+    fig, ax = _figure(ax, (5, 4))
+    classes = np.unique(labels)
+    xy = project(points)
+    for i, k in enumerate(classes):
+        ax.scatter(*xy[labels == k].T, s=12, color=f"C{i % 10}", alpha=0.6, label=str(k))
+    if prototypes is not None:
+        prototypes = np.asarray(prototypes, dtype=np.float64)
+        if prototypes.ndim != 2 or prototypes.shape[1] != points.shape[1]:
+            raise ValueError(
+                f"prototypes must be (classes, {points.shape[1]}), got shape {prototypes.shape}"
+            )
+        colours = [f"C{i % 10}" for i in range(len(prototypes))]
+        ax.scatter(*project(prototypes).T, marker="*", s=250, c=colours, edgecolor="black")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set(
+        xlabel="PC 1" if points.shape[1] > 2 else "", ylabel="PC 2" if points.shape[1] > 2 else ""
+    )
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def heatmap(
+    matrix,
+    *,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    colorbar: bool = True,
+    ax=None,
+):
+    """A 2-D array as an image with a colour bar: attention or memory
+    read/write weights (time x slots), Gram or distance matrices."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(f"heatmap takes a non-empty 2-D array, got shape {matrix.shape}")
+    fig, ax = _figure(ax, (5, 4))
+    image = ax.imshow(matrix, cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.grid(False)
+    ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
+    if colorbar:
+        fig.colorbar(image, ax=ax)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _figure(ax, figsize, ncols=1):
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def _images(x, name):
+    x = np.asarray(x).astype(np.float64)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (3, 4)) or not len(x):
+        raise ValueError(
+            f"{name} must be images (n, H, W), (n, H, W, 1) or (n, H, W, 3); got {x.shape}"
+        )
+    return x
+
+
+def _labels(y, x, name):
+    y = np.asarray(y)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ValueError(
+            f"{name} must be {len(x)} integer labels 0..ways-1, got {y.dtype} {y.shape}"
+        )
+    return y
+
+
+def _vector(values, name):
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or not len(values):
+        raise ValueError(f"{name} must be a non-empty 1-D series, got shape {values.shape}")
+    return values

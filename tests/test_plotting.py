@@ -1,0 +1,123 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from bookcode import plotting
+from bookcode.episodes import Episode
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def episode(ways=3, shots=2, queries=5, size=8):
+    rng = np.random.default_rng(0)
+    return Episode(
+        support_x=rng.uniform(size=(ways * shots, size, size, 1)).astype(np.float32),
+        support_y=np.repeat(np.arange(ways), shots),
+        query_x=rng.uniform(size=(ways * queries, size, size, 1)).astype(np.float32),
+        query_y=np.repeat(np.arange(ways), queries),
+        classes=np.arange(ways),
+    )
+
+
+def test_show_episode_is_one_image_with_a_row_per_class():
+    e = episode()
+    fig = plotting.show_episode(e, queries_per_class=4, title="an episode")
+    (ax,) = fig.axes
+    (image,) = ax.get_images()
+    assert image.get_array().shape == (3 * 8 + 2 * 1, 6 * 9 + 1)  # 3 rows, 2 shots + 4 queries
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["class 0", "class 1", "class 2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["support", "queries"]
+    assert ax.get_title() == "an episode"
+    assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
+    # The first support image of class 1 sits at the start of the second row.
+    np.testing.assert_allclose(image.get_array()[9:17, 0:8], e.support_x[2, ..., 0])
+
+
+def test_show_episode_from_arrays_into_given_axes_and_bad_input():
+    e = episode(ways=2, shots=1, queries=1)
+    fig, ax = plt.subplots()
+    assert plotting.show_episode(*e.inputs(), e.query_y, ax=ax, class_names=["a", "b"]) is fig
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    with pytest.raises(ValueError, match="must be images"):
+        plotting.show_episode(np.zeros((2, 8)), e.support_y, e.query_x, e.query_y)
+    with pytest.raises(ValueError, match="integer labels"):
+        plotting.show_episode(e.support_x, e.support_y[:1], e.query_x, e.query_y)
+    with pytest.raises(TypeError, match="needs query_x"):
+        plotting.show_episode(e.support_x, e.support_y)
+    with pytest.raises(TypeError, match="takes an Episode"):
+        plotting.show_episode("not an episode")
+
+
+def test_learning_curves_split_losses_from_accuracies():
+    class History:  # what keras.callbacks.History offers
+        def __init__(self):
+            self.history = {"loss": [1.0, 0.5, 0.2], "accuracy": [0.3, 0.6, 0.9]}
+            self.params = {"steps": 50}
+
+    fig = plotting.learning_curves(History(), title="training")
+    left, right = fig.axes
+    (loss,) = left.get_lines()
+    np.testing.assert_array_equal(loss.get_xdata(), [50, 100, 150])
+    np.testing.assert_array_equal(loss.get_ydata(), [1.0, 0.5, 0.2])
+    assert right.get_lines()[0].get_label() == "accuracy"
+    assert left.get_xlabel() == "training step"
+    fig, ax = plt.subplots()
+    plotting.learning_curves({"a": [1, 2], "b": [3, 4]}, x=[10, 20], xlabel="episodes", ax=ax)
+    assert len(ax.get_lines()) == 2 and ax.get_xlabel() == "episodes"
+    with pytest.raises(ValueError, match="different lengths"):
+        plotting.learning_curves({"a": [1, 2], "b": [3]})
+    with pytest.raises(ValueError, match="x has 3 points"):
+        plotting.learning_curves({"a": [1, 2]}, x=[1, 2, 3])
+    with pytest.raises(TypeError, match="History or a non-empty dict"):
+        plotting.learning_curves([1, 2])
+
+
+def test_adaptation_curve_mean_and_band():
+    per_task = np.array([[1.0, 0.5, 0.25], [3.0, 1.5, 0.75]])
+    fig = plotting.adaptation_curve({"MAML": per_task, "baseline": [2, 2, 2]}, ylabel="MSE")
+    (ax,) = fig.axes
+    maml, _ = ax.get_lines()
+    np.testing.assert_allclose(maml.get_ydata(), [2.0, 1.0, 0.5])
+    np.testing.assert_array_equal(maml.get_xdata(), [0, 1, 2])
+    assert maml.get_label() == "MAML" and ax.get_ylabel() == "MSE"
+    assert len(ax.collections) == 1  # a confidence band only for the curve over tasks
+    with pytest.raises(ValueError, match="steps \\+ 1"):
+        plotting.adaptation_curve(np.zeros((2, 2, 2)))
+
+
+def test_embeddings_2d_projects_with_pca():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    points = rng.normal(size=(30, 16)) + 5 * np.eye(16)[labels]
+    prototypes = np.stack([points[labels == k].mean(0) for k in range(3)])
+    fig = plotting.embeddings_2d(points, labels, prototypes)
+    (ax,) = fig.axes
+    assert len(ax.collections) == 4  # three classes and the prototypes
+    stars = ax.collections[-1].get_offsets()
+    dots = [ax.collections[k].get_offsets().mean(0) for k in range(3)]
+    np.testing.assert_allclose(stars, np.array(dots), atol=1e-9)  # a linear map keeps means
+    fig = plotting.embeddings_2d(points[:, :2], labels)
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), points[:10, :2])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        plotting.embeddings_2d(points, labels[:5])
+    with pytest.raises(ValueError, match="prototypes must be"):
+        plotting.embeddings_2d(points, labels, prototypes[:, :3])
+
+
+def test_heatmap_shows_the_matrix_without_grid():
+    weights = np.arange(12.0).reshape(3, 4)
+    fig = plotting.heatmap(weights, xlabel="memory slot", ylabel="time step")
+    ax, _colorbar = fig.axes
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), weights)
+    assert ax.get_xlabel() == "memory slot"
+    assert not any(line.get_visible() for line in ax.get_xgridlines())
+    with pytest.raises(ValueError, match="2-D array"):
+        plotting.heatmap(np.zeros(3))
