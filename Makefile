@@ -1,5 +1,6 @@
 # One command each: `make lab` opens the chapters, `make test` runs every test
-# and every chapter notebook. Both create .venv and install what is needed.
+# and every chapter notebook. Both create .venv and install what is needed, at
+# the exact versions in constraints.txt (the ones the notebooks were run with).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: lab test unit notebooks clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 lab: $(STAMP)
