@@ -123,6 +123,12 @@ class Episode:
         """``(support_x, support_y, query_x)``: the arguments of ``predict_episode``."""
         return self.support_x, self.support_y, self.query_x
 
+    def extras(self) -> dict[str, np.ndarray]:
+        """Optional further inputs, by name: ``{"unlabeled_x": ...}`` for
+        semi-supervised episodes, else ``{}``. ``evaluate`` passes them as keyword
+        arguments of ``predict_episode`` to learners that take them."""
+        return {} if self.unlabeled_x is None else {"unlabeled_x": self.unlabeled_x}
+
 
 def _check_positive(**values):
     for name, value in values.items():
@@ -249,35 +255,18 @@ class EpisodeSampler:
 
         Elements are ``((support_x, support_y, query_x), query_y)``, with a
         leading meta-batch axis when ``batch_size`` is given. Use it with
-        ``steps_per_epoch``. Semi-supervised samplers add ``unlabeled_x`` as a
-        fourth input.
+        ``steps_per_epoch``. Semi-supervised samplers add the episode's extras
+        as a fourth input, ``{"unlabeled_x": ...}`` (see :meth:`Episode.extras`).
         """
-        import tensorflow as tf
 
-        def generate():
-            while True:
-                e = self.sample() if batch_size is None else self.sample_batch(batch_size)
-                inputs = (e.support_x, e.support_y.astype(np.int32), e.query_x)
-                if self.unlabeled:
-                    inputs = inputs + (e.unlabeled_x,)
-                yield inputs, e.query_y.astype(np.int32)
+        def element():
+            e = self.sample() if batch_size is None else self.sample_batch(batch_size)
+            inputs = (e.support_x, e.support_y.astype(np.int32), e.query_x)
+            if e.extras():
+                inputs = inputs + (e.extras(),)
+            return inputs, e.query_y.astype(np.int32)
 
-        lead = () if batch_size is None else (batch_size,)
-        x_spec = self.dataset.example_shape
-        x_dtype = tf.as_dtype(self.dataset.x.dtype)
-        n_s, n_q = self.ways * self.shots, self.ways * self.queries
-        n_u = (self.ways + self.distractors) * self.unlabeled
-        inputs = (
-            tf.TensorSpec(lead + (n_s,) + x_spec, x_dtype),
-            tf.TensorSpec(lead + (n_s,), tf.int32),
-            tf.TensorSpec(lead + (n_q,) + x_spec, x_dtype),
-        )
-        if self.unlabeled:
-            inputs = inputs + (tf.TensorSpec(lead + (n_u,) + x_spec, x_dtype),)
-        signature = (inputs, tf.TensorSpec(lead + (n_q,), tf.int32))
-        return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(
-            prefetch
-        )
+        return endless_dataset(element, prefetch)
 
 
 def stack(episodes: list[Episode]) -> Episode:
@@ -324,17 +313,30 @@ class PairSampler:
             raise ValueError(f"num_pairs must be a positive even number, got {num_pairs}")
         return self._pairs(self.episodes.fixed(num_pairs // 2, seed=seed))
 
-    def tf_dataset(self, batch_size: int):
+    def tf_dataset(self, batch_size: int, prefetch: int = 2):
         """An endless ``tf.data.Dataset`` of ``((left, right), same)`` batches for ``fit``."""
-        import tensorflow as tf
 
-        def generate():
-            while True:
-                left, right, same = self.sample(batch_size)
-                yield (left, right), same
+        def element():
+            left, right, same = self.sample(batch_size)
+            return (left, right), same
 
-        shape = self.episodes.dataset.example_shape
-        dtype = tf.as_dtype(self.episodes.dataset.x.dtype)
-        spec = tf.TensorSpec((batch_size,) + shape, dtype)
-        signature = ((spec, spec), tf.TensorSpec((batch_size,), tf.float32))
-        return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+        return endless_dataset(element, prefetch)
+
+
+def endless_dataset(element, prefetch: int = 2):
+    """An endless ``tf.data.Dataset`` of ``element()`` results (nested tuples
+    and dicts of arrays), the tf.data adapter of every sampler. The signature
+    (shapes and dtypes) is read off a first element, drawn now and yielded
+    first, so the stream of elements is the sampler's own."""
+    import tensorflow as tf
+
+    pending = [element()]
+    signature = tf.nest.map_structure(
+        lambda a: tf.TensorSpec(np.shape(a), tf.as_dtype(np.asarray(a).dtype)), pending[0]
+    )
+
+    def generate():
+        while True:
+            yield pending.pop() if pending else element()
+
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(prefetch)

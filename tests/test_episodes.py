@@ -93,13 +93,16 @@ def test_same_seed_same_episodes_and_fixed_is_reproducible():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ways=11, shots=1, queries=1), "needs 11 classes"),
-        (dict(ways=5, shots=4, queries=5), "shots \\+ queries"),
-        (dict(ways=0, shots=1, queries=1), "ways must be a positive integer"),
-        (dict(ways=5, shots=-1, queries=1), "shots must be a positive integer"),
-        (dict(ways=5, shots=1, queries=0), "queries must be a positive integer"),
-        (dict(ways=5, shots=1, queries=1, distractors=2), "distractors need unlabeled"),
-        (dict(ways=9, shots=1, queries=1, unlabeled=1, distractors=2), "needs 11 classes"),
+        ({"ways": 11, "shots": 1, "queries": 1}, "needs 11 classes"),
+        ({"ways": 5, "shots": 4, "queries": 5}, "shots \\+ queries"),
+        ({"ways": 0, "shots": 1, "queries": 1}, "ways must be a positive integer"),
+        ({"ways": 5, "shots": -1, "queries": 1}, "shots must be a positive integer"),
+        ({"ways": 5, "shots": 1, "queries": 0}, "queries must be a positive integer"),
+        ({"ways": 5, "shots": 1, "queries": 1, "distractors": 2}, "distractors need unlabeled"),
+        (
+            {"ways": 9, "shots": 1, "queries": 1, "unlabeled": 1, "distractors": 2},
+            "needs 11 classes",
+        ),
     ],
 )
 def test_sampler_rejects_bad_arguments(kwargs, message):
@@ -146,7 +149,7 @@ def test_tf_dataset_matches_fit_signature():
     assert sx.shape == (3, 8, 2) and qy.shape == (3, 12)
     semi = EpisodeSampler(toy_dataset(), ways=2, shots=1, queries=1, unlabeled=2, seed=0)
     inputs, _ = next(iter(semi.tf_dataset()))
-    assert len(inputs) == 4 and inputs[3].shape == (4, 2)
+    assert len(inputs) == 4 and inputs[3]["unlabeled_x"].shape == (4, 2)
 
 
 def test_episode_inputs_order():
@@ -166,7 +169,32 @@ def test_pair_sampler_is_balanced_distinct_and_seeded():
     np.testing.assert_array_equal(again[1], right)
     fixed = PairSampler(ds, seed=3).fixed(10)
     np.testing.assert_array_equal(fixed[0], PairSampler(ds, seed=9).fixed(10)[0])
-    (l_batch, r_batch), s_batch = next(iter(PairSampler(ds).tf_dataset(8)))
+    (l_batch, _r_batch), s_batch = next(iter(PairSampler(ds).tf_dataset(8)))
     assert l_batch.shape == (8, 2) and s_batch.shape == (8,)
     with pytest.raises(ValueError, match="even"):
         PairSampler(ds).sample(3)
+
+
+def test_episode_extras():
+    plain = EpisodeSampler(toy_dataset(), ways=2, shots=1, queries=1, seed=0).sample()
+    assert plain.extras() == {}
+    semi = EpisodeSampler(toy_dataset(), ways=2, shots=1, queries=1, unlabeled=2, seed=0).sample()
+    assert list(semi.extras()) == ["unlabeled_x"]
+    assert semi.extras()["unlabeled_x"] is semi.unlabeled_x
+
+
+def test_endless_dataset_continues_the_sampler_stream():
+    """The one tf.data adapter of every sampler: the signature comes from the
+    first element, and iterating again continues the stream (no repeat)."""
+    from bookcode.datasets.sinusoids import Sinusoids
+    from bookcode.episodes import endless_dataset
+
+    counter = iter(range(100))
+    dataset = endless_dataset(lambda: (np.full(3, next(counter), np.int32), {"u": np.zeros(2)}))
+    assert dataset.element_spec[0].shape == (3,) and dataset.element_spec[1]["u"].dtype == "float64"
+    first = [int(a[0]) for a, _ in dataset.take(2)]
+    again = [int(a[0]) for a, _ in dataset.take(2)]
+    assert first == [0, 1] and again[0] > 1
+    (sx, sy, qx), qy = next(iter(Sinusoids(shots=5, queries=7, seed=0).tf_dataset(batch_size=4)))
+    assert sx.shape == sy.shape == (4, 5, 1) and qx.shape == qy.shape == (4, 7, 1)
+    assert sx.dtype == qy.dtype == "float32"

@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from bookcode.episodes import ClassDataset, EpisodeSampler
-from bookcode.evaluation import PixelNearestNeighbour, confidence_interval, evaluate
+from bookcode.evaluation import (
+    PixelNearestNeighbour,
+    best_threshold,
+    confidence_interval,
+    evaluate,
+    roc_auc,
+    roc_curve,
+    verification_accuracy,
+)
 
 
 class Oracle:
@@ -61,3 +69,70 @@ def test_pixel_nearest_neighbour():
     logits = PixelNearestNeighbour().predict_episode(support, np.array([0, 1, 2]), query)
     np.testing.assert_array_equal(logits.argmax(1), [0, 1, 2])
     np.testing.assert_allclose(logits[0, 0], -2.0)
+    rng = np.random.default_rng(1)
+    support, query = rng.normal(size=(6, 4, 4)), rng.normal(size=(5, 4, 4))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    squared = ((query.reshape(5, 1, -1) - support.reshape(1, 6, -1)) ** 2).sum(-1)
+    expected = np.stack([-squared[:, labels == c].min(1) for c in range(3)], 1)
+    np.testing.assert_allclose(
+        PixelNearestNeighbour().predict_episode(support, labels, query), expected, rtol=1e-12
+    )
+
+
+class Recorder:
+    """Records the keyword arguments evaluate gives to predict_episode."""
+
+    extra_inputs = ("unlabeled_x",)
+
+    def __init__(self):
+        self.seen = []
+
+    def predict_episode(self, support_x, support_y, query_x, **extras):
+        self.seen.append(extras)
+        return np.eye(int(support_y.max()) + 1)[np.zeros(len(query_x), int)]
+
+
+def test_evaluate_passes_the_extras_a_learner_takes():
+    y = np.repeat(np.arange(6), 6)
+    ds = ClassDataset(x=np.stack([y, y], 1).astype(float), y=y, class_names=list("abcdef"))
+    semi = EpisodeSampler(ds, ways=3, shots=1, queries=2, unlabeled=2, seed=0).fixed(3)
+    recorder = Recorder()
+    evaluate(recorder, semi)
+    assert [list(k) for k in recorder.seen] == [["unlabeled_x"]] * 3
+    for extras, episode in zip(recorder.seen, semi):
+        assert extras["unlabeled_x"] is episode.unlabeled_x
+    evaluate(Oracle(), semi)  # no extra_inputs: called with three arguments
+    recorder.seen.clear()
+    evaluate(recorder, episodes(2))  # plain episodes: nothing extra
+    assert recorder.seen == [{}, {}]
+
+
+# --- verification metrics -------------------------------------------------------------
+
+
+def test_roc_curve_and_auc_hand_computed():
+    same = [1, 0, 1, 0]
+    scores = [0.9, 0.8, 0.3, 0.1]
+    fpr, tpr, thresholds = roc_curve(same, scores)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(thresholds, [np.inf, 0.9, 0.8, 0.3, 0.1])
+    assert roc_auc(same, scores) == pytest.approx(0.75)  # 3 of 4 (same, different) pairs ordered
+    assert roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert roc_auc([0, 1], [0.0, 1.0]) == 1.0
+
+
+def test_best_threshold_and_accuracy_count_every_pair():
+    same = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.0])
+    threshold, accuracy = best_threshold(same, scores)
+    assert threshold == pytest.approx(0.8) and accuracy == pytest.approx(5 / 6)
+    assert verification_accuracy(same, scores, threshold) == pytest.approx(5 / 6)
+    # calling everything "same" is right on the same pairs only: accuracy 1/2, not precision
+    assert verification_accuracy(same, scores, -1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="both"):
+        roc_auc([1, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="labels"):
+        roc_curve([1, 0, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="only 0"):
+        verification_accuracy([2, 0], [0.2, 0.3], 0.0)

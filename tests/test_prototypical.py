@@ -160,28 +160,64 @@ def test_bad_episodes_raise_clear_errors():
         PrototypicalNetwork("conv4")
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: PrototypicalNetwork(nets.conv4(filters=8)),
-        lambda: GaussianPrototypicalNetwork(nets.conv4(filters=8), covariance="diagonal"),
-        lambda: SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True),
-    ],
-    ids=["plain", "gaussian", "semi-supervised"],
-)
-def test_save_and_load_round_trip(make, tiny_omniglot, tmp_path):
-    model = make()
+LEARNERS = {
+    "plain": lambda: PrototypicalNetwork(nets.conv4(filters=8)),
+    "gaussian": lambda: GaussianPrototypicalNetwork(nets.conv4(filters=8), covariance="diagonal"),
+    "semi-supervised": lambda: SemiSupervisedPrototypicalNetwork(
+        nets.conv4(filters=8), masked=True
+    ),
+}
+
+
+def sampler_for(model, dataset, seed=0):
+    unlabeled = 2 if model.extra_inputs else 0
+    return EpisodeSampler(dataset, ways=3, shots=1, queries=2, seed=seed, unlabeled=unlabeled)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_save_and_load_round_trip(name, tiny_omniglot, tmp_path):
+    model = LEARNERS[name]()
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    sampler = EpisodeSampler(tiny_omniglot, ways=3, shots=1, queries=2, seed=0, unlabeled=2)
+    sampler = sampler_for(model, tiny_omniglot)
     model.fit(sampler.tf_dataset(), steps_per_epoch=2, epochs=1, verbose=0)
     episode = sampler.sample()
-    args = episode.inputs() + ((episode.unlabeled_x,) if model.name.startswith("semi") else ())
-    before = model.predict_episode(*args)
+    before = model.predict_episode(*episode.inputs(), **episode.extras())
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
-    assert type(loaded) is type(model)
+    assert type(loaded) is type(model) and loaded.compiled  # optimizer restored too
     assert loaded.get_config().keys() == model.get_config().keys()
-    np.testing.assert_allclose(loaded.predict_episode(*args), before, rtol=1e-5, atol=1e-5)
+    after = loaded.predict_episode(*episode.inputs(), **episode.extras())
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_fit_with_validation_data(name, tiny_omniglot):
+    model = LEARNERS[name]()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    train = sampler_for(model, tiny_omniglot, seed=0).tf_dataset()
+    val = sampler_for(model, tiny_omniglot, seed=1).tf_dataset()
+    history = model.fit(
+        train, steps_per_epoch=2, epochs=1, validation_data=val, validation_steps=2, verbose=0
+    )
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert np.isfinite(history.history["val_loss"][0])
+    assert 0 <= history.history["val_accuracy"][0] <= 1
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_adapt_equals_predict_episode(name, tiny_omniglot):
+    model = LEARNERS[name]()
+    episode = sampler_for(model, tiny_omniglot).sample()
+    scores = model.adapt(episode.support_x, episode.support_y, **episode.extras())
+    np.testing.assert_allclose(
+        scores(episode.query_x),
+        model.predict_episode(*episode.inputs(), **episode.extras()),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert scores(episode.query_x[:1]).shape == (1, 3)
+    with pytest.raises(ValueError, match="query examples have shape"):
+        scores(np.zeros((2, 5), np.float32))
 
 
 def test_learns_on_real_omniglot():
@@ -243,7 +279,7 @@ def test_semi_supervised_sampler_inputs_and_training(tiny_omniglot):
     )
     inputs, _ = next(iter(sampler.tf_dataset()))
     assert len(inputs) == 4
-    unlabeled_x = inputs[3]
+    unlabeled_x = inputs[3]["unlabeled_x"]
     assert unlabeled_x.shape == (10, 28, 28, 1)  # (3 ways + 2 distractors) * 2
     model = SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -252,6 +288,30 @@ def test_semi_supervised_sampler_inputs_and_training(tiny_omniglot):
     episode = sampler.sample()
     logits = model.predict_episode(*episode.inputs(), episode.unlabeled_x)
     assert logits.shape == (6, 3)
+    np.testing.assert_allclose(
+        model.predict_episode(*episode.inputs(), unlabeled_x=episode.unlabeled_x), logits
+    )
+
+
+def test_evaluate_gives_the_semi_supervised_learner_its_unlabeled_examples():
+    """Plain evaluate(learner, episodes) passes Episode.extras() to a learner
+    that takes them: the accuracy is that of the refined prototypes."""
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(6, 4)) * 3, 10, axis=0) + rng.normal(size=(60, 4))
+    data = ClassDataset(x.astype(np.float32), np.repeat(np.arange(6), 10), list("abcdef"))
+    episodes = EpisodeSampler(data, ways=3, shots=1, queries=5, unlabeled=4).fixed(8, seed=0)
+    semi = SemiSupervisedPrototypicalNetwork(identity_embedding(4), refinement_steps=2)
+    plain = PrototypicalNetwork(identity_embedding(4))
+    by_hand = [
+        np.mean(semi.predict_episode(*e.inputs(), e.unlabeled_x).argmax(1) == e.query_y)
+        for e in episodes
+    ]
+    without = [np.mean(plain.predict_episode(*e.inputs()).argmax(1) == e.query_y) for e in episodes]
+    np.testing.assert_allclose(evaluate(semi, episodes).accuracies, by_hand)
+    np.testing.assert_allclose(evaluate(plain, episodes).accuracies, without)  # no extras for it
+    assert by_hand != without  # the unlabelled examples made a difference
+    with pytest.raises(ValueError, match="extra inputs"):
+        plain.predict_episode(*episodes[0].inputs(), unlabeled_x=episodes[0].unlabeled_x)
 
 
 def test_semi_supervised_without_refinement_equals_plain():
@@ -316,16 +376,17 @@ def test_fused_batch_norm_matches_keras_batch_norm():
 def test_mixed_precision_gives_float32_logits(tiny_omniglot):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        sampler = EpisodeSampler(tiny_omniglot, ways=3, shots=1, queries=2, seed=0, unlabeled=2)
-        episode = sampler.sample()
         for model in [
             PrototypicalNetwork(nets.conv4(filters=8, fused_batch_norm=True)),
             GaussianPrototypicalNetwork(nets.conv4(filters=8, fused_batch_norm=True)),
             SemiSupervisedPrototypicalNetwork(nets.conv4(filters=8), masked=True),
         ]:
             model.compile(optimizer=keras.optimizers.Adam(1e-3))
+            sampler = sampler_for(model, tiny_omniglot)
             model.fit(sampler.tf_dataset(), steps_per_epoch=1, epochs=1, verbose=0)
-            logits = model.predict_episode(*episode.inputs(), episode.unlabeled_x)
+            episode = sampler.sample()
+            logits = model.predict_episode(*episode.inputs(), **episode.extras())
             assert logits.dtype == np.float32 and logits.shape == (6, 3)
+            assert model((*map(tf.constant, episode.inputs()),)).dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -10,12 +10,9 @@ from bookcode.evaluation import evaluate
 from bookcode.metric import (
     SiameseNetwork,
     all_pairs_contrastive_loss,
-    best_threshold,
     contrastive_loss,
     euclidean_distance,
     roc_auc,
-    roc_curve,
-    verification_accuracy,
 )
 
 
@@ -115,10 +112,10 @@ def test_fit_on_episodes_uses_every_pair():
 def test_euclidean_distance():
     a = tf.constant([[0.0, 0.0], [1.0, 1.0]])
     b = tf.constant([[3.0, 4.0], [1.0, 1.0]])
-    np.testing.assert_allclose(euclidean_distance(a, b), [5.0, 0.0], atol=1e-4)
+    np.testing.assert_allclose(euclidean_distance(a, b, paired=True), [5.0, 0.0], atol=1e-4)
     with tf.GradientTape() as tape:
         tape.watch(a)
-        d = euclidean_distance(a, a)
+        d = euclidean_distance(a, a, paired=True)
     assert np.isfinite(tape.gradient(d, a).numpy()).all()  # finite at zero distance
 
 
@@ -188,6 +185,73 @@ def test_save_and_load_round_trip(tmp_path):
     np.testing.assert_allclose(loaded((x, 2 * x)), before, rtol=1e-6)
 
 
+def small_embedding(name=None):
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+         keras.layers.Dense(4)],
+        name=name,
+    )  # fmt: skip
+
+
+def toy_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 6))
+    x = (np.repeat(centres, 6, axis=0) + 0.3 * rng.normal(size=(48, 6))).astype("float32")
+    return ClassDataset(x, np.repeat(np.arange(8), 6), [str(i) for i in range(8)])
+
+
+@pytest.mark.parametrize("head", ["contrastive", "l1"])
+def test_save_and_load_with_concatenated_embeddings(head, tmp_path):
+    """Two members of the same name, trained, saved and loaded: same episode logits."""
+    from bookcode.metric import concatenate_embeddings
+
+    data = toy_clusters()
+    both = concatenate_embeddings(small_embedding("member"), small_embedding("member"))
+    model = SiameseNetwork(both, head=head)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(PairSampler(data, seed=0).tf_dataset(8), steps_per_epoch=3, epochs=1, verbose=0)
+    episode = EpisodeSampler(data, ways=4, shots=2, queries=2, seed=1).sample()
+    before = model.predict_episode(*episode.inputs())
+    model.save(tmp_path / "ensemble.keras")
+    loaded = keras.models.load_model(tmp_path / "ensemble.keras")
+    assert type(loaded.embedding).__name__ == "ConcatenatedEmbedding"
+    assert len(loaded.embedding.members) == 2
+    np.testing.assert_allclose(
+        loaded.predict_episode(*episode.inputs()), before, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fit_with_validation_data_on_pairs_and_on_episodes():
+    """Validation used to fail on episodes: test_step only unpacked pairs
+    ((left, right), same), so ((support_x, support_y, query_x), query_y) raised
+    "too many values to unpack". Now it reports the training loss and pair
+    accuracy (all pairs of the episode) without training."""
+    data = toy_clusters()
+    pairs = PairSampler(data, seed=0).tf_dataset(8)
+    episodes = EpisodeSampler(data, ways=4, shots=2, queries=2, seed=0).tf_dataset()
+    for train in (pairs, episodes):
+        for val in (pairs, episodes):
+            model = SiameseNetwork(small_embedding())
+            model.compile(optimizer=keras.optimizers.Adam(1e-2))
+            history = model.fit(
+                train, steps_per_epoch=2, epochs=1, validation_data=val, validation_steps=2,
+                verbose=0,
+            )  # fmt: skip
+            assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+            assert np.isfinite(history.history["val_loss"][0])
+    # the validation loss on one episode is the all-pairs loss of that episode
+    model = SiameseNetwork(identity_embedding(6))
+    model.compile(optimizer="adam")
+    episode = EpisodeSampler(data, ways=3, shots=2, queries=1, seed=2).sample()
+    inputs = (episode.support_x, episode.support_y.astype(np.int32), episode.query_x)
+    element = tf.data.Dataset.from_tensors((inputs, episode.query_y.astype(np.int32)))
+    x = np.concatenate([episode.support_x, episode.query_x])
+    y = np.concatenate([episode.support_y, episode.query_y])
+    expected = all_pairs_contrastive_loss(tf.constant(y), tf.constant(x))
+    result = model.evaluate(element, verbose=0, return_dict=True)
+    np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+
+
 # --- the pair sampler ---------------------------------------------------------------
 
 
@@ -210,37 +274,6 @@ def test_pair_sampler_balanced_no_identical_pair_and_seeded():
     assert not np.array_equal(other[1], right)
     (l_batch, _r_batch), s_batch = next(iter(PairSampler(toy_dataset(), seed=0).tf_dataset(8)))
     assert l_batch.shape == (8, 2) and s_batch.shape == (8,)
-
-
-# --- verification metrics -------------------------------------------------------------
-
-
-def test_roc_curve_and_auc_hand_computed():
-    same = [1, 0, 1, 0]
-    scores = [0.9, 0.8, 0.3, 0.1]
-    fpr, tpr, thresholds = roc_curve(same, scores)
-    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
-    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
-    np.testing.assert_allclose(thresholds, [np.inf, 0.9, 0.8, 0.3, 0.1])
-    assert roc_auc(same, scores) == pytest.approx(0.75)  # 3 of 4 (same, different) pairs ordered
-    assert roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
-    assert roc_auc([0, 1], [0.0, 1.0]) == 1.0
-
-
-def test_best_threshold_and_accuracy_count_every_pair():
-    same = np.array([1, 1, 1, 0, 0, 0])
-    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.0])
-    threshold, accuracy = best_threshold(same, scores)
-    assert threshold == pytest.approx(0.8) and accuracy == pytest.approx(5 / 6)
-    assert verification_accuracy(same, scores, threshold) == pytest.approx(5 / 6)
-    # calling everything "same" is right on the same pairs only: accuracy 1/2, not precision
-    assert verification_accuracy(same, scores, -1.0) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="both"):
-        roc_auc([1, 1], [0.2, 0.3])
-    with pytest.raises(ValueError, match="labels"):
-        roc_curve([1, 0, 1], [0.2, 0.3])
-    with pytest.raises(ValueError, match="only 0"):
-        verification_accuracy([2, 0], [0.2, 0.3], 0.0)
 
 
 # --- learning on real data --------------------------------------------------------------
@@ -285,7 +318,7 @@ def test_learns_to_verify_unseen_omniglot_characters(head):
 
 
 def test_cosine_classifier_hand_computed():
-    from bookcode.metric.siamese import CosineClassifier
+    from bookcode.metric.siamese import CosineClassifier  # also there, for chapter 2
 
     head = CosineClassifier(2, scale=10.0)
     head.build((None, 2))

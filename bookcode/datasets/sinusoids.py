@@ -108,16 +108,10 @@ class Sinusoids:
     def tf_dataset(self, batch_size: int | None = None, prefetch: int = 2):
         """An endless ``tf.data.Dataset`` of ``((support_x, support_y, query_x),
         query_y)``, with a leading meta-batch axis when ``batch_size`` is given."""
-        import tensorflow as tf
+        from bookcode.episodes import endless_dataset
 
-        def generate():
-            while True:
-                t = self.sample() if batch_size is None else self.sample_batch(batch_size)
-                yield (t.support_x, t.support_y, t.query_x), t.query_y
+        def element():
+            t = self.sample() if batch_size is None else self.sample_batch(batch_size)
+            return (t.support_x, t.support_y, t.query_x), t.query_y
 
-        lead = () if batch_size is None else (batch_size,)
-        s = tf.TensorSpec(lead + (self.shots, 1), tf.float32)
-        q = tf.TensorSpec(lead + (self.queries, 1), tf.float32)
-        return tf.data.Dataset.from_generator(generate, output_signature=((s, s, q), q)).prefetch(
-            prefetch
-        )
+        return endless_dataset(element, prefetch)

@@ -1,30 +1,40 @@
 """Metric-based few-shot learners: they embed examples and classify a query
-by its distances to the support set (chapters 2-4)."""
+by its distances to the support set (chapters 2-4).
 
+- :mod:`.base`: :class:`FewShotClassifier`, the base of every learner here;
+- :mod:`.distances`: the distances and similarities they share;
+- :mod:`.prototypical`: prototypical networks (plain, Gaussian, semi-supervised);
+- :mod:`.siamese`: Siamese networks and contrastive losses;
+- :mod:`.heads`: cosine classifier and concatenated embeddings.
+
+The verification metrics (``roc_curve``, ``roc_auc``, ``best_threshold``,
+``verification_accuracy``) live in :mod:`bookcode.evaluation` and are
+re-exported here.
+"""
+
+from bookcode.evaluation import best_threshold, roc_auc, roc_curve, verification_accuracy
+
+from .base import FewShotClassifier
+from .distances import (
+    cosine_similarity,
+    euclidean_distance,
+    mahalanobis_distance,
+    squared_euclidean_distance,
+)
+from .heads import ConcatenatedEmbedding, CosineClassifier, concatenate_embeddings
 from .prototypical import (
     GaussianPrototypicalNetwork,
     PrototypicalNetwork,
     SemiSupervisedPrototypicalNetwork,
     class_prototypes,
-    mahalanobis_distance,
     soft_kmeans_refinement,
-    squared_euclidean_distance,
 )
-from .siamese import (
-    CosineClassifier,
-    SiameseNetwork,
-    all_pairs_contrastive_loss,
-    best_threshold,
-    concatenate_embeddings,
-    contrastive_loss,
-    euclidean_distance,
-    roc_auc,
-    roc_curve,
-    verification_accuracy,
-)
+from .siamese import SiameseNetwork, all_pairs_contrastive_loss, contrastive_loss
 
 __all__ = [
+    "ConcatenatedEmbedding",
     "CosineClassifier",
+    "FewShotClassifier",
     "GaussianPrototypicalNetwork",
     "PrototypicalNetwork",
     "SemiSupervisedPrototypicalNetwork",
@@ -34,6 +44,7 @@ __all__ = [
     "class_prototypes",
     "concatenate_embeddings",
     "contrastive_loss",
+    "cosine_similarity",
     "euclidean_distance",
     "mahalanobis_distance",
     "roc_auc",
