@@ -1,4 +1,5 @@
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -120,3 +121,59 @@ def test_check_without_checks_file_writes_nothing(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     notebook.check("x", 1, at_least=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def load_multirun():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "multirun.py"
+    spec = importlib.util.spec_from_file_location("multirun", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["multirun"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_multirun_tabulates_checks_of_every_run(tmp_path, capsys):
+    import nbformat
+
+    multirun = load_multirun()
+    code = """\
+import os
+from bookcode.notebook import check
+
+seed = int(os.environ["BOOKCODE_SEED"])
+check("bfloat16", os.environ.get("BOOKCODE_PRECISION") == "bfloat16", at_least=0)
+check("seed squared", seed**2, at_most=2)
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    status = multirun.main(
+        [
+            str(path),
+            "--runs",
+            "seed=1,precision=bfloat16",
+            "seed=2",
+            "--keep",
+            str(tmp_path / "out"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 1  # the second run fails its check
+    assert "| quantity | seed=1,precision=bfloat16 | seed=2 |" in out
+    assert "| bfloat16 | 1 | 0 |" in out
+    assert "| seed squared | 1 | 4! |" in out
+    assert "| status | ok | FAILED |" in out
+    assert "seed squared = 4 is above the allowed 2" in out
+    assert path.read_bytes() == before
+    assert len(list((tmp_path / "out").glob("*.ipynb"))) == 2
+    with pytest.raises(ValueError, match="bad run setting"):
+        multirun.parse_run("seed=1,colour=red")
