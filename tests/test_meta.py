@@ -252,3 +252,262 @@ def test_fused_batch_norm_is_refused_for_second_order():
     learner = meta.MAML(fused, inner_lr=0.1, first_order=True)
     with pytest.raises(ValueError, match="first_order=True"):
         learner.first_order = False
+
+
+# --------------------------------------------------------------------------
+# The learner engine: objectives, combiners, batch objective, adapt, saving
+# --------------------------------------------------------------------------
+
+
+def two_tasks():
+    tasks = [tiny_task(0), tiny_task(1)]
+    return [tf.constant(np.stack(parts)) for parts in zip(*tasks)]
+
+
+@keras.saving.register_keras_serializable(package="bookcode_tests")
+class FirstTaskOnly:
+    """A combiner that keeps task 0's gradient."""
+
+    def __call__(self, task_grads):
+        return [g[0] for g in task_grads]
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def sgd_step_delta(learner, batch):
+    learner.compile(keras.optimizers.SGD(1.0))
+    before = [v.numpy().copy() for v in learner.meta_variables]
+    sx, sy, qx, qy = batch
+    logs = learner.train_on_batch((sx, sy, qx), qy, return_dict=True)
+    return [v.numpy() - b for v, b in zip(learner.meta_variables, before)], logs
+
+
+def test_combiner_argument_replaces_the_mean():
+    batch = two_tasks()
+    learner = meta.MAML(tiny_net(), inner_lr=0.5, combiner=FirstTaskOnly())
+    results, task_grads = learner.task_gradients(*batch)
+    assert set(results) == {"loss", "accuracy"} and results["loss"].shape == (2,)
+    delta, logs = sgd_step_delta(learner, batch)
+    for d, g in zip(delta, task_grads):
+        np.testing.assert_allclose(d, -g.numpy()[0], rtol=1e-9, atol=1e-12)
+        assert np.abs(g.numpy()[0] - g.numpy()[1]).max() > 1e-6  # task 1 differs
+    assert logs["loss"] == pytest.approx(float(tf.reduce_mean(results["loss"])))
+    # default: the mean
+    mean = meta.MAML(tiny_net(), inner_lr=0.5)
+    delta, _ = sgd_step_delta(mean, batch)
+    for d, g in zip(delta, task_grads):
+        np.testing.assert_allclose(d, -g.numpy().mean(0), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="combiner"):
+        meta.MAML(tiny_net(), combiner="mean")
+
+
+class SquaredLosses(meta.MAML):
+    """A batch objective: the sum over tasks of the squared query losses."""
+
+    def batch_objective(self, task_results):
+        return tf.reduce_sum(tf.square(task_results["loss"]))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batch_objective_is_differentiated_over_the_whole_meta_batch(first_order):
+    batch = two_tasks()
+    learner = SquaredLosses(tiny_net(), inner_lr=0.5, inner_steps=2, first_order=first_order)
+    results, task_grads = learner.task_gradients(*batch)
+    # d/dtheta sum_i L_i^2 = sum_i 2 L_i dL_i/dtheta
+    losses = results["loss"].numpy()
+    expected = [np.tensordot(2 * losses, g.numpy(), axes=1) for g in task_grads]
+    _, objective, grads = learner.batch_gradients(*batch)
+    assert float(objective) == pytest.approx(float(np.sum(losses**2)), rel=1e-12)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-8, atol=1e-12)
+    delta, logs = sgd_step_delta(learner, batch)
+    for d, e in zip(delta, expected):
+        np.testing.assert_allclose(d, -e, rtol=1e-8, atol=1e-12)
+    assert logs["batch_objective"] == pytest.approx(float(np.sum(losses**2)), rel=1e-6)
+    assert set(logs) == {"loss", "accuracy", "batch_objective"}
+
+
+class WithSpareWeight(keras.layers.Layer):
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(shape[-1], 3), name="kernel")
+        self.spare = self.add_weight(shape=(2,), name="spare")
+
+    def call(self, x):
+        return x @ self.kernel
+
+
+def test_unconnected_variable_is_an_error_unless_declared_unused():
+    model = keras.Sequential([keras.Input((2,), dtype="float64"), WithSpareWeight(dtype="float64")])
+    batch = batched(tiny_task())
+    with pytest.raises(ValueError, match=r"inner-loop loss does not depend on .*spare"):
+        meta.MAML(model, inner_lr=0.5).task_gradients(*batch)
+
+    class Declared(meta.MAML):
+        @property
+        def unused_variables(self):
+            return [self.model.layers[0].spare]
+
+    _, grads = Declared(model, inner_lr=0.5).task_gradients(*batch)
+    assert np.abs(grads[1].numpy()).max() == 0 and np.abs(grads[0].numpy()).max() > 0
+
+    class QueryIgnoresContext(meta.CAML):  # the meta-gradient check
+        def task_objective(self, meta_weights, support_x, support_y, query_x, query_y):
+            return {"loss": tf.reduce_sum(meta_weights[0]), "mse": tf.constant(0.0)}
+
+    caml = QueryIgnoresContext(tiny_net(inputs=3, outputs=1), context_dim=1, kind="regression")
+    task = [tf.ones((1, 4, 2), tf.float64), tf.ones((1, 4, 1), tf.float64)] * 2
+    with pytest.raises(ValueError, match=r"meta-objective does not depend on .*bias"):
+        caml.task_gradients(*task)
+
+
+def test_adapt_returns_a_callable_equal_to_predict_episode():
+    maml = meta.MAML(tiny_net(), inner_lr=0.5, test_inner_steps=3)
+    sx, sy, qx, _ = tiny_task(2)
+    adapted = maml.adapt(sx, sy)
+    np.testing.assert_array_equal(adapted(qx), maml.predict_episode(sx, sy, qx))
+    assert len(adapted.weights) == len(maml.model.trainable_variables)
+    # the fast weights are 3 steps of gradient descent (hand computation)
+    params = [v.value for v in maml.model.trainable_variables]
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = meta.task_loss("classification", sy, meta.forward(maml.model, params, sx))
+        params = [p - 0.5 * g for p, g in zip(params, tape.gradient(loss, params))]
+    for a, h in zip(adapted.weights, params):
+        np.testing.assert_allclose(a.numpy(), h.numpy(), rtol=1e-10)
+    # steps=0 is the model itself (in training mode)
+    np.testing.assert_allclose(maml.adapt(sx, sy, steps=0)(qx), maml.model(qx).numpy())
+
+
+def test_changing_inner_lr_reaches_compiled_prediction():
+    sx, sy, qx, _ = tiny_task(3)
+    maml = meta.MAML(tiny_net(), inner_lr=0.1, test_inner_steps=2)
+    before = maml.predict_episode(sx, sy, qx)
+    maml.inner_lr = 0.7
+    after = maml.predict_episode(sx, sy, qx)
+    fresh = meta.MAML(tiny_net(), inner_lr=0.7, test_inner_steps=2).predict_episode(sx, sy, qx)
+    np.testing.assert_allclose(after, fresh, rtol=1e-12)
+    assert np.abs(after - before).max() > 1e-3
+    assert maml._functions["adapt"].experimental_get_tracing_count() == 1
+    with pytest.raises(ValueError, match="inner_lr"):
+        maml.inner_lr = -1.0
+
+
+def test_compile_refuses_metrics_and_fit_validates():
+    maml = meta.MAML(tiny_net(), inner_lr=0.5, test_inner_steps=2)
+    with pytest.raises(ValueError, match="logs its own metrics"):
+        maml.compile("adam", metrics=["accuracy"])
+    maml.compile(keras.optimizers.Adam(1e-2))
+    sx, sy, qx, qy = two_tasks()
+    history = maml.fit((sx, sy, qx), qy, validation_data=((sx, sy, qx), qy), epochs=2, verbose=0)
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert history.history["val_loss"][1] < history.history["val_loss"][0]
+    ev = maml.evaluate((sx, sy, qx), qy, verbose=0, return_dict=True)
+    expected = np.mean(
+        [maml.adaptation_curve(sx[i], sy[i], qx[i], qy[i], 2)[-1, 0] for i in range(2)]
+    )
+    assert ev["loss"] == pytest.approx(expected, rel=1e-6)  # float32 metric trackers
+
+
+def round_trip(learner, tmp_path, episode):
+    path = str(tmp_path / f"{type(learner).__name__}.keras")
+    learner.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(learner)
+    np.testing.assert_allclose(
+        loaded.predict_episode(*episode), learner.predict_episode(*episode), rtol=1e-6, atol=1e-7
+    )
+    return loaded
+
+
+def test_save_and_load_round_trips(tmp_path):
+    sx, sy, qx, qy = tiny_task(4)
+    maml = meta.MAML(
+        tiny_net(), inner_lr=0.3, inner_steps=2, first_order=True, test_inner_steps=4,
+        combiner=FirstTaskOnly(),
+    )  # fmt: skip
+    maml.compile(keras.optimizers.Adam(1e-2))
+    maml.fit((sx[None], sy[None], qx[None]), qy[None], verbose=0)  # trained weights
+    loaded = round_trip(maml, tmp_path, (sx, sy, qx))
+    assert (loaded.inner_lr, loaded.inner_steps, loaded.test_inner_steps) == (0.3, 2, 4)
+    assert loaded.first_order and isinstance(loaded.combiner, FirstTaskOnly)
+    assert int(loaded.optimizer.iterations) == 1  # the meta-optimiser's state too
+
+    conv = conv4(input_shape=(16, 16, 1), filters=2, num_classes=3)
+    images = np.random.default_rng(0).uniform(size=(9, 16, 16, 1)).astype("float32")
+    adml = meta.ADML(conv, epsilon=0.05, clip_range=(0.0, 1.0), inner_lr=0.2)
+    loaded = round_trip(adml, tmp_path, (images[:3], np.arange(3), images[3:]))
+    assert loaded.epsilon == 0.05 and loaded.clip_range == (0.0, 1.0)
+
+    task = Sinusoids(shots=5, queries=5, seed=0).sample()
+    caml = meta.CAML(tiny_net("float32", 1 + 2, 1), context_dim=2, kind="regression")
+    loaded = round_trip(caml, tmp_path, task.inputs())
+    assert loaded.context_dim == 2 and loaded.kind == "regression"
+
+    tuner = meta.FineTuning(tiny_net(), steps=3, learning_rate=0.2)
+    loaded = round_trip(tuner, tmp_path, (sx, sy, qx))
+    assert (loaded.steps, loaded.learning_rate) == (3, 0.2)
+
+
+def test_fine_tuning_is_gradient_descent_on_the_support_set():
+    sx, sy, qx, _ = tiny_task(5)
+    net = tiny_net(batch_norm=True)
+    tuner = meta.FineTuning(net, steps=4, learning_rate=0.3)
+    params = [v.value for v in net.trainable_variables]
+    for _ in range(4):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = meta.task_loss("classification", sy, meta.forward(net, params, sx))
+        params = [p - 0.3 * g for p, g in zip(params, tape.gradient(loss, params))]
+    np.testing.assert_allclose(
+        tuner.predict_episode(sx, sy, qx), meta.forward(net, params, qx).numpy(), rtol=1e-9
+    )
+    tuner.learning_rate, tuner.steps = 0.1, 2  # no retracing
+    tuner.predict_episode(sx, sy, qx)
+    assert tuner._functions["adapt"].experimental_get_tracing_count() == 1
+    with pytest.raises(ValueError, match="2 ways"):
+        tuner.predict_episode(sx[:2], np.arange(2), qx)
+    with pytest.raises(TypeError, match="not meta-trained"):
+        tuner.compile("adam")
+    with pytest.raises(ValueError, match="positive"):
+        meta.FineTuning(net, steps=0)
+
+
+class PerParameterRates(meta.MAML):
+    """Meta-SGD in a few lines (Li et al. 2017): learned per-parameter rates."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.rates = [
+            self.add_weight(shape=v.shape, initializer=keras.initializers.Constant(0.5),
+                            dtype=v.dtype, name="rate")
+            for v in model.trainable_variables
+        ]  # fmt: skip
+
+    @property
+    def meta_variables(self):
+        return list(self.model.trainable_variables) + self.rates
+
+    def initial_fast_weights(self, meta_weights):
+        return meta_weights[: len(self.rates)]
+
+    def update_rule(self, meta_weights):
+        return meta.SGD(meta_weights[len(self.rates) :])
+
+
+def test_the_engine_supports_learned_per_parameter_rates():
+    batch = batched(tiny_task())
+    learner = PerParameterRates(tiny_net(), inner_steps=1)
+    results, grads = learner.task_gradients(*batch)
+    n = len(learner.rates)
+    # same value as MAML with the scalar rate 0.5; the rates get gradients too
+    maml_results, maml_grads = meta.MAML(tiny_net(), inner_lr=0.5).task_gradients(*batch)
+    assert float(results["loss"][0]) == pytest.approx(float(maml_results["loss"][0]), rel=1e-12)
+    for g, m in zip(grads[:n], maml_grads):
+        np.testing.assert_allclose(g.numpy(), m.numpy(), rtol=1e-10)
+    assert all(np.abs(g.numpy()).max() > 0 for g in grads[n:])

@@ -109,7 +109,7 @@ class GradientMetaLearner(keras.Model):
         self.model = model
         _check_second_order_support(model, first_order)
         self._inner_lr = self.add_weight(
-            shape=(), initializer="zeros", trainable=False, name="inner_lr"
+            shape=(), initializer="zeros", dtype="float64", trainable=False, name="inner_lr"
         )
         self.inner_lr = inner_lr
         self.inner_steps = _check_steps(inner_steps, "inner_steps")
@@ -135,12 +135,13 @@ class GradientMetaLearner(keras.Model):
     def inner_lr(self) -> float:
         """The inner-loop learning rate; changing it takes effect at once
         (training and prediction read it from a variable)."""
-        return float(self._inner_lr.numpy())
+        return self._inner_lr_value
 
     @inner_lr.setter
     def inner_lr(self, value):
         if np.ndim(value) != 0 or not float(value) > 0:
             raise ValueError(f"inner_lr must be a positive number, got {value!r}")
+        self._inner_lr_value = float(value)
         self._inner_lr.assign(float(value))
 
     @property
@@ -385,6 +386,12 @@ class GradientMetaLearner(keras.Model):
                 f"({', '.join(self.objective_keys)}); compile() takes only the meta-optimiser"
             )
         super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompile after ``keras.models.load_model`` (optimizer state included)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        self.optimizer.build(self.meta_variables)
 
     def call(self, x, training=False):
         """The meta-learned model before adaptation."""

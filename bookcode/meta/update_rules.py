@@ -15,6 +15,13 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def _as(value, dtype):
+    """``value`` as a tensor of ``dtype`` (Python numbers without a float32 detour)."""
+    if tf.is_tensor(value) or hasattr(value, "__tf_tensor__"):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
+
+
 def per_parameter(rate, params, what="rate"):
     """One tensor per parameter: a scalar broadcast, or a checked list."""
     if isinstance(rate, (list, tuple)):
@@ -22,8 +29,8 @@ def per_parameter(rate, params, what="rate"):
             raise ValueError(
                 f"{what} has {len(rate)} tensors but there are {len(params)} parameters"
             )
-        return [tf.cast(r, p.dtype) for r, p in zip(rate, params)]
-    return [tf.cast(rate, p.dtype) for p in params]
+        return [_as(r, p.dtype) for r, p in zip(rate, params)]
+    return [_as(rate, p.dtype) for p in params]
 
 
 class UpdateRule:
@@ -70,7 +77,7 @@ class Adam(UpdateRule):
     def apply(self, params, grads, state, loss):
         t, m, v = state
         t = t + 1
-        b1, b2, eps = (tf.cast(c, t.dtype) for c in (self.beta_1, self.beta_2, self.epsilon))
+        b1, b2, eps = (_as(c, t.dtype) for c in (self.beta_1, self.beta_2, self.epsilon))
         m = [b1 * mi + (1 - b1) * g for mi, g in zip(m, grads)]
         v = [b2 * vi + (1 - b2) * tf.square(g) for vi, g in zip(v, grads)]
         c1, c2 = 1 - tf.pow(b1, t), 1 - tf.pow(b2, t)
