@@ -88,7 +88,10 @@ def setup(seed: int = 0) -> str:
     the ``tensorflow`` and ``absl`` Python loggers to ERROR and filters one
     known-harmless Keras warning; all other warnings are shown.
     """
-    seed = int(os.environ.get(SEED_VAR, "").strip() or seed)
+    value = os.environ.get(SEED_VAR, "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"{SEED_VAR}={value!r}; expected a non-negative integer")
+    seed = int(value or seed)
     _import_tensorflow()
     import keras
     import numpy as np
@@ -175,16 +178,14 @@ def _import_tensorflow():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
-        finally:
-            sys.stderr.flush()
+        finally:  # also when the import fails: its messages are shown
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            text = captured.read().decode(errors="replace")
-    kept = _unexpected_import_lines(text)
-    if kept:
-        sys.stderr.write("\n".join(kept) + "\n")
-        sys.stderr.flush()
+            kept = _unexpected_import_lines(captured.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
 
 
 def _unexpected_import_lines(text: str) -> list[str]:

@@ -41,3 +41,16 @@ def test_tensorflow_import_notices_stay_visible_after_import_bookcode():
     plain = notices("import tensorflow as tf; tf.config.list_physical_devices()")
     after = notices("import bookcode, tensorflow as tf; tf.config.list_physical_devices()")
     assert after == plain
+
+
+def test_setup_drops_only_the_known_import_notices():
+    code = "import bookcode.notebook; bookcode.notebook.setup(seed=4)"
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("bookcode: profile quick, seed 4, ")
+    assert result.stdout.count("\n") == 1
+    for notice in ("cudart_stub", "cpu_feature_guard", "absl::InitializeLog"):
+        assert notice not in result.stderr

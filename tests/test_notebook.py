@@ -177,3 +177,9 @@ check("seed squared", seed**2, at_most=2)
     assert len(list((tmp_path / "out").glob("*.ipynb"))) == 2
     with pytest.raises(ValueError, match="bad run setting"):
         multirun.parse_run("seed=1,colour=red")
+
+
+def test_setup_rejects_a_bad_seed_variable(monkeypatch):
+    monkeypatch.setenv(notebook.SEED_VAR, "one")
+    with pytest.raises(ValueError, match="BOOKCODE_SEED='one'"):
+        notebook.setup()
