@@ -6,6 +6,8 @@ max-pool, 5-way 1-shot, 15 queries per class), as in ANCHORS.md:
   so-32x1   second order, meta-batch 32, 1 inner step
   so-8x5    second order, meta-batch 8, 5 inner steps
   fo-32x1   first order, meta-batch 32, 1 inner step
+  fo-8x5    first order, meta-batch 8, 5 inner steps (a graph loop since the
+            bookcode.meta package; unrolled before)
 
 Each workload runs in its own process (so peak memory is its own). We report
 tasks per second of wall time, tasks per second of CPU time (user + sys, a
@@ -13,6 +15,9 @@ measure that is less sensitive to other jobs on a shared machine), the load
 average at the start, and the peak resident memory of the process.
 
     BOOKCODE_DATA=... .venv/bin/python benchmarks/maml.py [--iterations 6] [--parallel-tasks 4]
+
+Before/after a change: run it with PYTHONPATH=/path/to/old/checkout first, then
+without (the "code" field says which bookcode was measured).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ WORKLOADS = {
     "so-32x1": {"first_order": False, "batch": 32, "steps": 1},
     "so-8x5": {"first_order": False, "batch": 8, "steps": 5},
     "fo-32x1": {"first_order": True, "batch": 32, "steps": 1},
+    "fo-8x5": {"first_order": True, "batch": 8, "steps": 5},
 }
 
 
@@ -37,6 +43,7 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast:
     import keras
     import numpy as np
 
+    import bookcode
     from bookcode import meta
     from bookcode.nets import conv4
 
@@ -83,6 +90,7 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast:
         "rss_before_mb": round(rss_before / 1024),
         "parallel_tasks": parallel_tasks,
         "fast": fast,
+        "code": os.path.dirname(os.path.dirname(bookcode.__file__)),
     }
 
 

@@ -26,8 +26,6 @@ class FineTuning(GradientMetaLearner):
 
     def __init__(self, model, steps: int = 10, learning_rate: float = 0.1, kind=CLASSIFICATION,
                  **kwargs):  # fmt: skip
-        for name in ("inner_lr", "inner_steps", "test_inner_steps", "first_order"):
-            kwargs.pop(name, None)  # from GradientMetaLearner's config
         if _check_steps(steps, "steps") < 1 or not learning_rate > 0:
             raise ValueError("steps and learning_rate must be positive")
         super().__init__(model, inner_lr=learning_rate, inner_steps=steps, first_order=True,

@@ -84,7 +84,17 @@ class GradientMetaLearner(keras.Model):
     ``inner_lr`` can be changed at any time (it is a variable read by the
     compiled functions). Test-time adaptation (``predict_episode``,
     :meth:`adapt`, ``fit``'s validation) is first order with
-    ``test_inner_steps`` steps.
+    ``test_inner_steps`` steps, as one graph loop.
+
+    A new algorithm is a few overrides. Meta-SGD (Li et al. 2017), for one:
+    add one rate variable per model weight, return them with the model's
+    weights from ``meta_variables``, start the fast weights from the first
+    part (``initial_fast_weights``) and return ``SGD(meta_weights[n:])``
+    from ``update_rule``. Reptile (Nichol et al. 2018) overrides
+    ``inner_loss`` (a new support minibatch per ``step``) and
+    ``update_rule`` (``Adam``). Variables the objective legitimately does not
+    use are listed in ``unused_variables``; any other variable that no
+    gradient reaches is an error, never a silent zero.
     """
 
     def __init__(
@@ -112,12 +122,8 @@ class GradientMetaLearner(keras.Model):
             shape=(), initializer="zeros", dtype="float64", trainable=False, name="inner_lr"
         )
         self.inner_lr = inner_lr
-        self.inner_steps = _check_steps(inner_steps, "inner_steps")
-        self.test_inner_steps = (
-            self.inner_steps
-            if test_inner_steps is None
-            else _check_steps(test_inner_steps, "test_inner_steps")
-        )
+        self.inner_steps = inner_steps
+        self.test_inner_steps = self.inner_steps if test_inner_steps is None else test_inner_steps
         self._first_order = bool(first_order)
         self.kind = kind
         self.parallel_tasks = int(parallel_tasks)
@@ -143,6 +149,26 @@ class GradientMetaLearner(keras.Model):
             raise ValueError(f"inner_lr must be a positive number, got {value!r}")
         self._inner_lr_value = float(value)
         self._inner_lr.assign(float(value))
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps in meta-training; changing it retraces the training step."""
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value: int):
+        self._inner_steps = _check_steps(value, "inner_steps")
+        self.train_function = None
+
+    @property
+    def test_inner_steps(self) -> int:
+        """Inner steps at test time (prediction, validation)."""
+        return self._test_inner_steps
+
+    @test_inner_steps.setter
+    def test_inner_steps(self, value: int):
+        self._test_inner_steps = _check_steps(value, "test_inner_steps")
+        self.test_function = None
 
     @property
     def first_order(self) -> bool:
