@@ -453,3 +453,117 @@ def test_fine_tuner_is_plain_gradient_descent():
         tuner.learning_rate = -1.0
     with pytest.raises(ValueError):
         lo.FineTuner(learner, steps=0)
+
+
+# -- saving and loading ------------------------------------------------------------
+
+
+def test_lstm_optimizer_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    opt = lo.LSTMOptimizer(hidden_size=8, unroll=3, truncations=1, output_scale=0.05)
+    opt.compile(optimizer=keras.optimizers.Adam(1e-2))
+    opt.fit(
+        tf.data.Dataset.from_tensor_slices(lo.random_quadratics(8, dim=3, seed=1)).batch(4),
+        verbose=0,
+    )
+    test = lo.random_quadratics(4, dim=3, seed=5)
+    trajectory = opt.optimize_quadratics(*test, 10).numpy()
+    opt.save(tmp_path / "opt.keras")
+    loaded = keras.models.load_model(tmp_path / "opt.keras")
+    assert type(loaded) is lo.LSTMOptimizer and loaded.output_scale == 0.05
+    np.testing.assert_array_equal(loaded.optimize_quadratics(*test, 10).numpy(), trajectory)
+    # the meta-optimiser and its state come back too (2 meta-batches x 1 truncation)
+    assert int(loaded.optimizer.iterations) == 2
+    for a, b in zip(opt.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_meta_lstm_cell_config_round_trip():
+    cell = lo.MetaLSTMCell(initial_learning_rate=0.25, initial_forget=0.5, name="gates")
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cell))
+    assert type(again) is lo.MetaLSTMCell and again.name == "gates"
+    assert (again.initial_learning_rate, again.initial_forget) == (0.25, 0.5)
+
+
+def test_meta_lstm_saves_and_loads_with_encoder_and_initialisation_optimizer(tmp_path):
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential(
+        [keras.Input((12, 12, 1)), keras.layers.Conv2D(3, 3, padding="same")], name="encoder"
+    )
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, 10)
+    model = lo.MetaLSTMLearner(
+        _learner(3, filters=4, blocks=1, input_shape=(12, 12, 3)),
+        steps=2,
+        hidden_size=6,
+        initial_learning_rate=0.2,
+        encoder=encoder,
+        initialisation_optimizer=keras.optimizers.Adam(schedule),
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    sx, sy, qx, qy = _episode()
+    data = tf.data.Dataset.from_tensors(
+        ((sx[None], sy[None].astype(np.int32), qx[None]), qy[None].astype(np.int32))
+    ).repeat(2)
+    model.fit(data, epochs=1, verbose=0)
+    logits = model.predict_episode(sx, sy, qx)
+    model.save(tmp_path / "meta_lstm.keras")
+    loaded = keras.models.load_model(tmp_path / "meta_lstm.keras")
+    assert type(loaded) is lo.MetaLSTMLearner
+    assert (loaded.steps, loaded.hidden_size, loaded.initial_learning_rate) == (2, 6, 0.2)
+    np.testing.assert_array_equal(loaded.predict_episode(sx, sy, qx), logits)
+    # the frozen encoder stays frozen; both optimisers come back with their state
+    assert not loaded.encoder.trainable
+    assert len(loaded.trainable_variables) == len(model.trainable_variables)
+    assert int(loaded.optimizer.iterations) == 2
+    assert int(loaded.initialisation_optimizer.iterations) == 2
+    assert isinstance(
+        loaded.initialisation_optimizer.learning_rate, keras.optimizers.schedules.CosineDecay
+    ) or float(loaded.initialisation_optimizer.learning_rate) == pytest.approx(float(schedule(2)))
+    for a, b in zip(
+        model.initialisation_optimizer.variables, loaded.initialisation_optimizer.variables
+    ):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # and training goes on identically from there
+    model.fit(data, epochs=1, verbose=0)
+    loaded.fit(data, epochs=1, verbose=0)
+    np.testing.assert_allclose(
+        loaded.predict_episode(sx, sy, qx), model.predict_episode(sx, sy, qx), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_meta_lstm_validation_data_and_evaluate():
+    keras.utils.set_random_seed(0)
+    model = _meta_lstm()
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # nothing moves: losses stay comparable
+    sx, sy, qx, qy = _episode()
+    sy, qy = sy.astype(np.int32), qy.astype(np.int32)
+    expected_loss = float(
+        tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                qy, model.predict_episode(sx, sy, qx), from_logits=True
+            )
+        )
+    )
+    expected_accuracy = float(np.mean(np.argmax(model.predict_episode(sx, sy, qx), -1) == qy))
+    batched = tf.data.Dataset.from_tensors(((sx[None], sy[None], qx[None]), qy[None]))
+    history = model.fit(batched, epochs=1, verbose=0, validation_data=batched)
+    np.testing.assert_allclose(history.history["val_loss"], [expected_loss], rtol=1e-5)
+    np.testing.assert_allclose(history.history["val_accuracy"], [expected_accuracy])
+    np.testing.assert_allclose(history.history["loss"], [expected_loss], rtol=1e-5)
+    # single episodes (not batched) are accepted too, by a newly compiled step
+    single = tf.data.Dataset.from_tensors(((sx, sy, qx), qy))
+    with pytest.raises(ValueError, match="compile"):
+        model.evaluate(single, verbose=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    scores = model.evaluate(single, verbose=0, return_dict=True)
+    np.testing.assert_allclose(scores["loss"], expected_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: lo.LSTMOptimizer(hidden_size=4), lambda: _meta_lstm()])
+def test_compile_refuses_losses_and_metrics(make):
+    model = make()
+    with pytest.raises(ValueError, match="not metrics"):
+        model.compile(optimizer="adam", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="not loss"):
+        model.compile("adam", "mse")
+    model.compile(optimizer="adam")  # an optimiser alone is fine

@@ -51,6 +51,25 @@ def preprocess_gradients(gradients, p: float = 10.0):
 # ----------------------------------------------------------------------------
 
 
+def _refuse_compiled_losses_and_metrics(compile_args, compile_kwargs, learner):
+    """Learners that report their own losses: ``compile(loss=...)`` or
+    ``metrics=...`` would be silently ignored, so refuse them."""
+    import inspect
+
+    bound = inspect.signature(keras.Model.compile).bind(None, *compile_args, **compile_kwargs)
+    given = [
+        name
+        for name in ("loss", "loss_weights", "metrics", "weighted_metrics")
+        if bound.arguments.get(name) not in (None, "auto")
+    ]
+    if given:
+        raise ValueError(
+            f"{learner} computes its own loss and reports its own metrics; compile() "
+            f"takes an optimizer but not {', '.join(given)}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="bookcode")
 class LSTMOptimizer(keras.Model):
     """Coordinatewise two-layer LSTM optimiser (Andrychowicz et al. 2016).
 
@@ -122,10 +141,17 @@ class LSTMOptimizer(keras.Model):
     def compile(self, *args, **kwargs):
         """Like ``keras.Model.compile``; also creates the optimiser's variables
         now, so that the compiled truncation is traced once, not twice (a
-        ``tf.function`` that creates variables is traced again)."""
+        ``tf.function`` that creates variables is traced again). The meta-loss
+        is built in: ``loss`` and ``metrics`` are refused."""
+        _refuse_compiled_losses_and_metrics(args, kwargs, "LSTMOptimizer")
         super().compile(*args, **kwargs)
         if self.optimizer is not None:
             self.optimizer.build(self.trainable_variables)
+
+    def compile_from_config(self, config):
+        """Compile with the saved settings when loading (Keras skips a custom
+        ``compile``)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     # -- the update rule ------------------------------------------------------
 

@@ -12,13 +12,14 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from .lstm_optimizer import preprocess_gradients
+from .lstm_optimizer import _refuse_compiled_losses_and_metrics, preprocess_gradients
 
 
 def _logit(p):
     return float(np.log(p / (1 - p)))
 
 
+@keras.saving.register_keras_serializable(package="bookcode")
 class MetaLSTMCell(layers.Layer):
     """The second layer of the meta-learner: an LSTM cell whose cell state is
     the learner's parameter vector (Ravi & Larochelle 2017, eq. 2-5).
@@ -35,6 +36,13 @@ class MetaLSTMCell(layers.Layer):
     def __init__(self, initial_learning_rate=0.1, initial_forget=0.99, **kwargs):
         super().__init__(**kwargs)
         self.initial_learning_rate, self.initial_forget = initial_learning_rate, initial_forget
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "initial_learning_rate": self.initial_learning_rate,
+            "initial_forget": self.initial_forget,
+        }
 
     def build(self, input_shape):
         features = int(input_shape[-1]) + 2
@@ -65,6 +73,7 @@ class MetaLSTMCell(layers.Layer):
         return forget * theta - learning_rate * gradient, forget, learning_rate
 
 
+@keras.saving.register_keras_serializable(package="bookcode")
 class MetaLSTMLearner(keras.Model):
     """Optimization as a model for few-shot learning (Ravi & Larochelle 2017).
 
@@ -86,6 +95,10 @@ class MetaLSTMLearner(keras.Model):
     ``initialisation_optimizer`` (optional) trains theta_0 alone, e.g. with a
     smaller learning rate than the LSTM and the gates when theta_0 starts from
     a pretrained network; by default the compiled optimiser trains everything.
+
+    ``model.save("x.keras")`` and ``keras.models.load_model`` keep everything:
+    the learner (theta_0), the encoder, the LSTM, the gates, both optimisers
+    and their states.
     """
 
     def __init__(
@@ -108,7 +121,8 @@ class MetaLSTMLearner(keras.Model):
         self.encoder = encoder
         if encoder is not None:
             encoder.trainable = False
-        self.preprocess_p = preprocess_p
+        self.preprocess_p, self.initial_learning_rate = preprocess_p, initial_learning_rate
+        self.initial_forget = initial_forget
         self.ways = int(learner.output_shape[-1])
         self.lstm = layers.LSTMCell(hidden_size, name="lstm")
         self.meta_cell = MetaLSTMCell(initial_learning_rate, initial_forget, name="meta_lstm")
@@ -116,6 +130,31 @@ class MetaLSTMLearner(keras.Model):
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.lstm(tf.zeros((1, 4)), [tf.zeros((1, hidden_size))] * 2)
         self.meta_cell(tf.zeros((1, hidden_size)), *[tf.zeros((1,))] * 4)
+        self.built = True  # every variable exists now
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "learner": serialize(self.learner),
+            "steps": self.steps,
+            "hidden_size": self.hidden_size,
+            "initial_learning_rate": self.initial_learning_rate,
+            "preprocess_p": self.preprocess_p,
+            "encoder": None if self.encoder is None else serialize(self.encoder),
+            "initial_forget": self.initial_forget,
+            "initialisation_optimizer": None
+            if self.initialisation_optimizer is None
+            else serialize(self.initialisation_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("learner", "encoder", "initialisation_optimizer"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
 
     @property
     def metrics(self):
@@ -130,7 +169,10 @@ class MetaLSTMLearner(keras.Model):
         """Like ``keras.Model.compile``; also creates the optimisers' variables
         now, so that the training step is traced once, not twice (a
         ``tf.function`` that creates variables is traced again). Set
-        ``initialisation_optimizer`` before compiling."""
+        ``initialisation_optimizer`` before compiling. The loss (the query
+        cross-entropy) and the metrics (it and the query accuracy) are built
+        in: ``loss`` and ``metrics`` are refused."""
+        _refuse_compiled_losses_and_metrics(args, kwargs, "MetaLSTMLearner")
         super().compile(*args, **kwargs)
         if self.optimizer is None:
             return
@@ -140,6 +182,11 @@ class MetaLSTMLearner(keras.Model):
             meta, initial = self._meta_and_initial_variables()
             self.optimizer.build(meta)
             self.initialisation_optimizer.build(initial)
+
+    def compile_from_config(self, config):
+        """Compile with the saved settings when loading (Keras skips a custom
+        ``compile``)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     # -- the learner as a function of a flat parameter vector -------------------
 
@@ -240,26 +287,37 @@ class MetaLSTMLearner(keras.Model):
         hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), query_y)
         return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
 
-    def train_step(self, data):
+    def _meta_batch_loss_and_accuracy(self, data):
+        """Mean query loss and accuracy over a meta-batch of episodes (or one)."""
         (support_x, support_y, query_x), query_y = data
-        batched = len(support_x.shape) == 5
-        if not batched:
+        if support_x.shape.rank is None:
+            raise ValueError(
+                "episodes of unknown rank: one compiled step was given both single episodes "
+                "and meta-batches; use one kind per model, or compile() again in between"
+            )
+        if support_x.shape.rank == 4:  # one episode, not a batch
             support_x, support_y, query_x, query_y = (
                 t[None] for t in (support_x, support_y, query_x, query_y)
             )
         tasks = support_x.shape[0]
+        losses, accuracies = zip(
+            *(
+                self._query_loss_and_accuracy(support_x[i], support_y[i], query_x[i], query_y[i])
+                for i in range(tasks)
+            )
+        )
+        return tf.add_n(losses) / tasks, tf.add_n(accuracies) / tasks
+
+    def _report(self, loss, accuracy):
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(accuracy)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
         meta, initial = self._meta_and_initial_variables()
         variables = meta + initial
         with tf.GradientTape() as tape:
-            losses, accuracies = zip(
-                *(
-                    self._query_loss_and_accuracy(
-                        support_x[i], support_y[i], query_x[i], query_y[i]
-                    )
-                    for i in range(tasks)
-                )
-            )
-            loss = tf.add_n(losses) / tasks
+            loss, accuracy = self._meta_batch_loss_and_accuracy(data)
         grads = tape.gradient(loss, variables)
         grads, _ = tf.clip_by_global_norm(grads, 10.0)
         if self.initialisation_optimizer is None:
@@ -267,9 +325,13 @@ class MetaLSTMLearner(keras.Model):
         else:
             self.optimizer.apply(grads[: len(meta)], meta)
             self.initialisation_optimizer.apply(grads[len(meta) :], initial)
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(tf.add_n(accuracies) / tasks)
-        return {m.name: m.result() for m in self.metrics}
+        return self._report(loss, accuracy)
+
+    def test_step(self, data):
+        """Query loss and accuracy after adaptation, for ``fit(validation_data=...)``
+        and ``evaluate`` on episode datasets (Keras's default would call the
+        model on the whole meta-batch at once)."""
+        return self._report(*self._meta_batch_loss_and_accuracy(data))
 
 
 class FineTuner:
