@@ -437,22 +437,60 @@ def test_meta_lstm_learns_on_real_omniglot():
     assert after > before + 0.1 and after > 0.5, (before, after)
 
 
-def test_fine_tuner_is_plain_gradient_descent():
+def test_fine_tuning_baseline_is_plain_gradient_descent():
+    """The re-exported bookcode.meta.FineTuning equals one gradient step of
+    the meta-LSTM's learner by hand."""
     keras.utils.set_random_seed(0)
     learner = _learner(3, filters=4, blocks=2, input_shape=(12, 12, 1))
     sx, sy, qx, _ = _episode()
-    tuner = lo.FineTuner(learner, steps=1, learning_rate=0.1)
+    tuner = lo.FineTuning(learner, steps=1, learning_rate=0.1)
     model = lo.MetaLSTMLearner(learner, steps=1)
     theta0 = model.initial_parameters()
     _, grad = model._support_loss_and_gradient(theta0, tf.constant(sx), tf.constant(sy, tf.int32))
     expected = model.learner_logits(theta0 - 0.1 * grad, tf.constant(qx)).numpy()
     np.testing.assert_allclose(tuner.predict_episode(sx, sy, qx), expected, rtol=1e-4, atol=1e-5)
-    tuner.learning_rate = 0.2
-    assert tuner.learning_rate == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        tuner.learning_rate = -1.0
-    with pytest.raises(ValueError):
-        lo.FineTuner(learner, steps=0)
+    assert not hasattr(lo, "FineTuner")
+
+
+def test_meta_lstm_update_rule_in_the_meta_engine_is_the_paper_step():
+    """One step of bookcode.meta.adapt with MetaLSTMUpdate, by hand: LSTM on
+    the preprocessed gradient and loss, then the cell's gated update."""
+    from bookcode import meta
+
+    keras.utils.set_random_seed(0)
+    model = _meta_lstm(steps=1)
+    sx, sy, _, _ = _episode()
+    x, y = tf.constant(sx), tf.constant(sy, tf.int32)
+    theta0 = model.initial_parameters()
+    n = int(theta0.shape[0])
+    loss, grad = model._support_loss_and_gradient(theta0, x, y)
+    inputs = tf.concat(
+        [
+            lo.preprocess_gradients(grad),
+            tf.broadcast_to(lo.preprocess_gradients(loss[None]), (n, 2)),
+        ],
+        -1,
+    )
+    h, _ = model.lstm(inputs, [tf.zeros((n, 6))] * 2)
+    expected, forget, rate = model.meta_cell(h, theta0, grad, tf.zeros(n), tf.zeros(n))
+    rule = lo.MetaLSTMUpdate(model.lstm, model.meta_cell)
+    zeros = tf.zeros(n)
+    (theta1, f1, i1), _ = meta.adapt(
+        lambda p, step: model._support_loss(p[0], x, y),
+        [theta0, zeros, zeros],
+        1,
+        rule,
+        first_order=True,
+        unused=(1, 2),
+    )
+    np.testing.assert_allclose(theta1.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(f1.numpy(), forget.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(i1.numpy(), rate.numpy(), rtol=1e-6)
+    # and the learner's adapt is exactly that loop
+    theta, forgets, rates = model.adapt(sx, sy)
+    np.testing.assert_allclose(forgets.numpy(), forget.numpy()[None], rtol=1e-6)
+    np.testing.assert_allclose(theta.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rates.numpy(), rate.numpy()[None], rtol=1e-6)
 
 
 # -- saving and loading ------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from .. import meta
 from .lstm_optimizer import _refuse_compiled_losses_and_metrics, preprocess_gradients
 
 
@@ -71,6 +72,37 @@ class MetaLSTMCell(layers.Layer):
             + self.b_input
         )[:, 0]
         return forget * theta - learning_rate * gradient, forget, learning_rate
+
+
+class MetaLSTMUpdate(meta.UpdateRule):
+    """The meta-LSTM's update rule for :func:`bookcode.meta.adapt` (Ravi &
+    Larochelle 2017): a coordinatewise LSTM reads the preprocessed gradient
+    and loss of every parameter, and a :class:`MetaLSTMCell` turns its output
+    into the forget and input gates of ``theta_t = f_t theta_{t-1} - i_t
+    grad_t``. The fast tensors are ``[theta, f_{t-1}, i_{t-1}]`` (flat, (n,));
+    the state is the LSTM's ``[h, c]``."""
+
+    def __init__(self, lstm, meta_cell, preprocess_p=10.0):
+        self.lstm, self.meta_cell, self.preprocess_p = lstm, meta_cell, preprocess_p
+
+    def initial_state(self, params):
+        zeros = tf.zeros((tf.shape(params[0])[0], self.lstm.units))
+        return [zeros, zeros]
+
+    def apply(self, params, grads, state, loss):
+        theta, forget, learning_rate = params
+        gradient, n = grads[0], tf.shape(theta)[0]
+        p = self.preprocess_p
+        inputs = tf.concat(
+            [
+                preprocess_gradients(gradient, p),
+                tf.broadcast_to(preprocess_gradients(loss[None], p), (n, 2)),
+            ],
+            -1,
+        )
+        x, state = self.lstm(inputs, state)
+        theta, forget, learning_rate = self.meta_cell(x, theta, gradient, forget, learning_rate)
+        return [theta, forget, learning_rate], list(state)
 
 
 @keras.saving.register_keras_serializable(package="bookcode")
@@ -207,14 +239,17 @@ class MetaLSTMLearner(keras.Model):
         logits, _ = self.learner.stateless_call(tensors, non_trainable, x, training=True)
         return logits
 
+    def _support_loss(self, theta, x, y):
+        return tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                y, self.learner_logits(theta, x), from_logits=True
+            )
+        )
+
     def _support_loss_and_gradient(self, theta, x, y):
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            loss = tf.reduce_mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    y, self.learner_logits(theta, x), from_logits=True
-                )
-            )
+            loss = self._support_loss(theta, x, y)
         return loss, tape.gradient(loss, theta)
 
     def encode(self, x):
@@ -223,45 +258,30 @@ class MetaLSTMLearner(keras.Model):
         return x if self.encoder is None else self.encoder(x, training=False)
 
     def adapt(self, support_x, support_y):
-        """Learn one episode: returns theta_T (flat) and the gates of every step,
-        forget (steps, n) and input (steps, n)."""
+        """Learn one episode with :func:`bookcode.meta.adapt` and the
+        :class:`MetaLSTMUpdate` rule: returns theta_T (flat) and the gates of
+        every step, forget (steps, n) and input (steps, n).
+
+        First order, as in the paper: the learner's gradients and losses are
+        inputs to the LSTM, not differentiated through, while theta_0, the
+        LSTM and the gates get meta-gradients through the graph loop."""
         support_x = self.encode(support_x)
         support_y = tf.convert_to_tensor(support_y, tf.int32)
         theta = self.initial_parameters()
-        n = tf.shape(theta)[0]
-
-        def step(t, theta, state, forget, learning_rate, forgets, rates):
-            loss, gradient = self._support_loss_and_gradient(theta, support_x, support_y)
-            loss, gradient = tf.stop_gradient(loss), tf.stop_gradient(gradient)
-            inputs = tf.concat(
-                [
-                    preprocess_gradients(gradient, self.preprocess_p),
-                    tf.broadcast_to(preprocess_gradients(loss[None], self.preprocess_p), (n, 2)),
-                ],
-                -1,
-            )
-            x, state = self.lstm(inputs, state)
-            theta, forget, learning_rate = self.meta_cell(x, theta, gradient, forget, learning_rate)
-            return (
-                t + 1,
-                theta,
-                list(state),
-                forget,
-                learning_rate,
-                forgets.write(t, forget),
-                rates.write(t, learning_rate),
-            )
-
-        # a graph loop, not a Python one: traced once instead of `steps` times
-        zeros = tf.zeros((n,))
-        forgets, rates = (tf.TensorArray(tf.float32, size=self.steps) for _ in range(2))
-        _, theta, _, _, _, forgets, rates = tf.while_loop(
-            lambda t, *_: t < self.steps,
-            step,
-            (0, theta, [tf.zeros((n, self.hidden_size))] * 2, zeros, zeros, forgets, rates),
-            maximum_iterations=self.steps,
+        zeros = tf.zeros_like(theta)
+        # the previous gates f_{t-1}, i_{t-1} ride along with theta as fast tensors
+        # (no gradient of the support loss reaches them), so their history is returned
+        (theta, _, _), gates = meta.adapt(
+            lambda params, step: self._support_loss(params[0], support_x, support_y),
+            [theta, zeros, zeros],
+            self.steps,
+            MetaLSTMUpdate(self.lstm, self.meta_cell, self.preprocess_p),
+            first_order=True,
+            metric_fn=lambda params: tf.stack(params[1:]),
+            names=["theta", "forget", "input"],
+            unused=(1, 2),
         )
-        return theta, forgets.stack(), rates.stack()
+        return theta, gates[1:, 0], gates[1:, 1]
 
     def call(self, inputs):
         """Query logits (num_query, ways) for one episode ``(support_x, support_y, query_x)``."""
@@ -332,63 +352,6 @@ class MetaLSTMLearner(keras.Model):
         and ``evaluate`` on episode datasets (Keras's default would call the
         model on the whole meta-batch at once)."""
         return self._report(*self._meta_batch_loss_and_accuracy(data))
-
-
-class FineTuner:
-    """Baseline few-shot learner: plain gradient descent on the support set
-    from fixed initial weights (random, or pretrained on the training classes
-    with a fresh head), ``steps`` steps of rate ``learning_rate``; batch
-    normalisation uses batch statistics. Ravi & Larochelle (2017) compare the
-    meta-LSTM against this ("Baseline-finetune")."""
-
-    def __init__(self, learner: keras.Model, steps: int = 10, learning_rate: float = 0.1):
-        if steps < 1 or learning_rate <= 0:
-            raise ValueError("steps and learning_rate must be positive")
-        self.learner, self.steps = learner, steps
-        self._rate = tf.Variable(float(learning_rate), trainable=False)
-        self.ways = int(learner.output_shape[-1])
-
-    @property
-    def learning_rate(self) -> float:
-        """The fine-tuning step size; can be changed without retracing."""
-        return float(self._rate.numpy())
-
-    @learning_rate.setter
-    def learning_rate(self, value: float):
-        if value <= 0:
-            raise ValueError("learning_rate must be positive")
-        self._rate.assign(float(value))
-
-    def _loss(self, weights, x, y):
-        non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
-        logits, _ = self.learner.stateless_call(weights, non_trainable, x, training=True)
-        return tf.reduce_mean(
-            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        )
-
-    @tf.function(reduce_retracing=True)
-    def _predict(self, support_x, support_y, query_x):
-        def step(weights):
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                loss = self._loss(weights, support_x, support_y)
-            grads = tape.gradient(loss, weights)
-            return ([w - self._rate * g for w, g in zip(weights, grads)],)
-
-        # a graph loop, not a Python one: traced once instead of `steps` times
-        (weights,) = tf.while_loop(
-            lambda weights: True,
-            step,
-            ([tf.convert_to_tensor(v) for v in self.learner.trainable_variables],),
-            maximum_iterations=self.steps,
-        )
-        non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
-        logits, _ = self.learner.stateless_call(weights, non_trainable, query_x, training=True)
-        return logits
-
-    def predict_episode(self, support_x, support_y, query_x):
-        """Logits (num_query, ways) after fine-tuning on the support set."""
-        return _compiled_episode_logits(self, support_x, support_y, query_x)
 
 
 def _compiled_episode_logits(learner, support_x, support_y, query_x):
