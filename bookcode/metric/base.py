@@ -33,8 +33,8 @@ Two sketches of learners written on it::
         def __init__(self, embedding=None, relation=None, **kw):
             super().__init__(embedding, **kw)      # feature maps (b, 5, 5, 64)
             self.relation = relation or nets.relation_module()
-        def process_support(self, support, support_y):
-            return class_prototypes(support, support_y) * shots   # class sums of maps
+        def process_support(self, support, support_y):     # class sums of maps
+            return tf.math.unsorted_segment_sum(support, support_y, tf.reduce_max(support_y) + 1)
         def score(self, classes, query):            # every (query, class) pair
             q, c = tf.shape(query)[0], tf.shape(classes)[0]
             pairs = tf.concat([tf.repeat(query, c, 0), tf.tile(classes, [q, 1, 1, 1])], -1)
