@@ -67,6 +67,7 @@ class AdaptedModel:
         return outputs(self.meta_weights, self.weights, x).numpy()
 
 
+@keras.saving.register_keras_serializable(package="bookcode")
 class GradientMetaLearner(keras.Model):
     """Base of the gradient-based learners: adapts ``model`` to a task with
     :func:`~bookcode.meta.adapt` and meta-trains it with ``fit()`` on
