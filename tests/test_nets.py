@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bookcode import nets, notebook
+from bookcode import nets
 
 
 def test_conv4_embedding_and_head_shapes():
@@ -71,26 +71,3 @@ def test_fast_precision_environment_override(monkeypatch):
             nets.fast_precision()
     monkeypatch.delenv(nets.PRECISION_VAR)
     assert nets.fast_precision() == detected
-
-
-def test_profile_switch(monkeypatch):
-    monkeypatch.delenv(notebook.PROFILE_VAR, raising=False)
-    assert notebook.profile() == "quick"
-    assert notebook.by_profile(quick=1, full=2) == 1
-    monkeypatch.setenv(notebook.PROFILE_VAR, "full")
-    assert notebook.by_profile(quick=1, full=2) == 2
-    monkeypatch.setenv(notebook.PROFILE_VAR, "huge")
-    with pytest.raises(ValueError, match="choose one of"):
-        notebook.profile()
-
-
-def test_setup_seeds_everything(monkeypatch):
-    monkeypatch.delenv(notebook.PROFILE_VAR, raising=False)
-    import keras
-
-    assert notebook.setup(seed=3) == "quick"
-    a = (np.random.rand(), keras.random.uniform((2,)).numpy())
-    notebook.setup(seed=3)
-    b = (np.random.rand(), keras.random.uniform((2,)).numpy())
-    assert a[0] == b[0]
-    np.testing.assert_array_equal(a[1], b[1])
