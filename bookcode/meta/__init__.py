@@ -19,6 +19,10 @@ saved with ``save()``/``keras.models.load_model``, all with
   adversarial support and query sets;
 - :class:`CAML` (Zintgraf et al. 2019, "Fast Context Adaptation via
   Meta-Learning", CAVIA): only a context vector is adapted per task;
+- :class:`MetaSGD` (Li et al. 2017, "Meta-SGD: Learning to Learn Quickly for
+  Few-Shot Learning"): one learned inner rate per weight;
+- :class:`Reptile` (Nichol, Achiam & Schulman 2018, "On First-Order
+  Meta-Learning Algorithms"): the update is initial minus adapted weights;
 - :class:`FineTuning`, the fine-tuning baseline (Ravi & Larochelle 2017).
 
 The tasks of a meta-batch run inside one compiled ``tf.function`` through
@@ -28,9 +32,11 @@ merges (default :func:`mean_gradients`).
 
 from .baselines import FineTuning
 from .combiners import mean_gradients
-from .inner_loop import adapt, connect_gradients, forward
+from .inner_loop import adapt, connect_gradients, forward, forward_with_statistics
 from .learners import ADML, CAML, MAML, AdaptedModel, GradientMetaLearner, adversarial_queries
+from .meta_sgd import MetaSGD
 from .objectives import CLASSIFICATION, REGRESSION, fgsm, metric_name, task_loss, task_metric
+from .reptile import Reptile
 from .update_rules import SGD, Adam, UpdateRule
 
 __all__ = [
@@ -44,12 +50,15 @@ __all__ = [
     "AdaptedModel",
     "FineTuning",
     "GradientMetaLearner",
+    "MetaSGD",
+    "Reptile",
     "UpdateRule",
     "adapt",
     "adversarial_queries",
     "connect_gradients",
     "fgsm",
     "forward",
+    "forward_with_statistics",
     "mean_gradients",
     "metric_name",
     "task_loss",

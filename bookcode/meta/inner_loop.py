@@ -33,6 +33,44 @@ def forward(model: keras.Model, params: Sequence[tf.Tensor], x, non_trainable=No
     return outputs
 
 
+def _batch_norm_statistics(model):
+    """``{index in non_trainable_variables: (layer, "mean" | "variance")}`` of
+    the moving statistics of every batch-normalisation layer of ``model``."""
+    index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    found = {}
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            for v, kind in ((layer.moving_mean, "mean"), (layer.moving_variance, "variance")):
+                if id(v) in index:
+                    found[index[id(v)]] = (layer, kind)
+    return found
+
+
+def forward_with_statistics(model: keras.Model, params: Sequence[tf.Tensor], reference_x, x):
+    """``model(x)`` with batch normalisation using the statistics of
+    ``reference_x`` (e.g. the support set) instead of those of ``x``: every
+    example of ``x`` is processed independently of the others (non-transductive
+    prediction, as Reptile's evaluation, Nichol et al. 2018). Without batch
+    normalisation this is :func:`forward`.
+
+    The reference pass runs in training mode with the moving averages set to
+    zero, so each layer's updated average is ``(1 - momentum)`` times the
+    reference batch's statistic; dividing gives the statistic, which the pass
+    on ``x`` (inference mode) then uses.
+    """
+    stats = _batch_norm_statistics(model)
+    if not stats:
+        return forward(model, params, x)
+    current = [v.value for v in model.non_trainable_variables]
+    zeroed = [tf.zeros_like(v) if i in stats else v for i, v in enumerate(current)]
+    _, updated = model.stateless_call(list(params), zeroed, reference_x, training=True)
+    reference = list(current)
+    for i, (layer, _) in stats.items():
+        reference[i] = updated[i] / tf.cast(1.0 - layer.momentum, updated[i].dtype)
+    outputs, _ = model.stateless_call(list(params), reference, x, training=False)
+    return outputs
+
+
 def connect_gradients(grads, params, names=None, unused=(), what="the loss"):
     """Dense gradients, with zeros for the parameters listed (by index) in
     ``unused``; a ``ValueError`` naming any other parameter no gradient

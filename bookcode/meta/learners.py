@@ -91,9 +91,10 @@ class GradientMetaLearner(keras.Model):
     add one rate variable per model weight, return them with the model's
     weights from ``meta_variables``, start the fast weights from the first
     part (``initial_fast_weights``) and return ``SGD(meta_weights[n:])``
-    from ``update_rule``. Reptile (Nichol et al. 2018) overrides
-    ``inner_loss`` (a new support minibatch per ``step``) and
-    ``update_rule`` (``Adam``). Variables the objective legitimately does not
+    from ``update_rule`` (:class:`~bookcode.meta.MetaSGD`). Reptile (Nichol
+    et al. 2018) adapts on a new support minibatch per ``step`` with
+    ``Adam`` and returns ``theta - phi`` from :meth:`task_update` instead of
+    a gradient (:class:`~bookcode.meta.Reptile`). Variables the objective legitimately does not
     use are listed in ``unused_variables``; any other variable that no
     gradient reaches is an error, never a silent zero.
     """
@@ -237,10 +238,13 @@ class GradientMetaLearner(keras.Model):
             metric_name(self.kind): task_metric(self.kind, query_y, outputs),
         }
 
-    def adapt_task(self, meta_weights, support_x, support_y, steps, first_order, track=None):
+    def adapt_task(
+        self, meta_weights, support_x, support_y, steps, first_order, track=None, inner_loss=None
+    ):
         """Adapt to one task's support set; ``track=(x, y)`` records the loss
-        and metric on ``(x, y)`` after each step. Returns ``(fast_weights,
-        history)``."""
+        and metric on ``(x, y)`` after each step; ``inner_loss`` replaces
+        :meth:`inner_loss`'s ``loss_fn(fast_weights, step)`` (e.g. Reptile's
+        minibatches). Returns ``(fast_weights, history)``."""
         metric_fn = None
         if track is not None:
 
@@ -251,7 +255,7 @@ class GradientMetaLearner(keras.Model):
         names = self.fast_weight_names
         unused = {v.path for v in self.unused_variables}
         return adapt(
-            self.inner_loss(meta_weights, support_x, support_y),
+            inner_loss or self.inner_loss(meta_weights, support_x, support_y),
             self.initial_fast_weights(meta_weights),
             steps,
             self.update_rule(meta_weights),
@@ -308,25 +312,34 @@ class GradientMetaLearner(keras.Model):
 
     def task_gradients(self, support_x, support_y, query_x, query_y):
         """Per-task results (dict of (tasks,) tensors) and meta-gradients (one
-        tensor per meta-variable with a leading task axis)."""
+        tensor per meta-variable with a leading task axis), each from
+        :meth:`task_update`."""
         variables = self.meta_variables
         meta_weights = [v.value for v in variables]
 
         def one_task(task):
-            weights = [tf.identity(w) for w in meta_weights]
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(weights)
-                results = self._task_results(weights, task)
-            grads = tape.gradient(
-                results["loss"], weights, unconnected_gradients=tf.UnconnectedGradients.NONE
-            )
-            return results, self._check_meta_gradients(grads, weights, variables)
+            return self.task_update([tf.identity(w) for w in meta_weights], task)
 
         signature = (
             self._results_signature(meta_weights[0].dtype),
             [tf.TensorSpec(w.shape, w.dtype) for w in meta_weights],
         )
         return self._map_tasks(one_task, (support_x, support_y, query_x, query_y), signature)
+
+    def task_update(self, meta_weights, task):
+        """One task's ``(results, update)``: the dict of :meth:`task_objective`
+        and one tensor per meta-variable that the combiner merges over tasks
+        and the meta-optimiser applies like a gradient. By default the gradient
+        of the task's meta-loss; Reptile (Nichol et al. 2018) returns
+        ``theta - phi`` (initial minus adapted weights) instead. ``task`` is
+        ``(support_x, support_y, query_x, query_y)`` of one task."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(meta_weights)
+            results = self._task_results(meta_weights, task)
+        grads = tape.gradient(
+            results["loss"], meta_weights, unconnected_gradients=tf.UnconnectedGradients.NONE
+        )
+        return results, self._check_meta_gradients(grads, meta_weights, self.meta_variables)
 
     def _check_meta_gradients(self, grads, weights, variables):
         unused = {v.path for v in self.unused_variables}
