@@ -79,6 +79,10 @@ def _factories():
         "ADML": lambda: meta.ADML(_conv(num_classes=WAYS), epsilon=0.05, inner_steps=1),
         "CAML": None,  # flat inputs: built in the test
         "FineTuning": lambda: meta.FineTuning(_conv(num_classes=WAYS), steps=3),
+        "MetaSGD": lambda: meta.MetaSGD(_conv(num_classes=WAYS), rate_seed=0),
+        "Reptile": lambda: meta.Reptile(
+            _conv(num_classes=WAYS), inner_steps=2, inner_batch=4, transductive=False
+        ),
         "MetaLSTMLearner": lambda: lo.MetaLSTMLearner(
             _conv(num_classes=WAYS), steps=2, hidden_size=4
         ),
