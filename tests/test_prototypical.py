@@ -241,7 +241,9 @@ def test_learns_on_real_omniglot():
 
 
 def test_gaussian_radius_hand_computed():
-    model = GaussianPrototypicalNetwork(identity_embedding(3), covariance="radius")
+    model = GaussianPrototypicalNetwork(
+        identity_embedding(3), covariance="radius", precision_head=False
+    )
     raw = np.log(np.e - 1)  # softplus(raw) = 1, so the precision is 2
     support_x = np.array([[0.0, 0.0, raw], [2.0, 0.0, 0.0], [5.0, 5.0, raw]], np.float32)
     support_y = np.array([0, 0, 1])
@@ -257,17 +259,55 @@ def test_gaussian_radius_hand_computed():
 
 
 def test_gaussian_split_shapes_and_errors():
-    diagonal = GaussianPrototypicalNetwork(identity_embedding(4), covariance="diagonal")
+    diagonal = GaussianPrototypicalNetwork(
+        identity_embedding(4), covariance="diagonal", precision_head=False
+    )
     embeddings, precisions = diagonal.split(tf.zeros((5, 8)))
     assert embeddings.shape == (5, 4) and precisions.shape == (5, 4)
     np.testing.assert_allclose(precisions, 1 + np.log(2.0), rtol=1e-6)
-    radius = GaussianPrototypicalNetwork(identity_embedding(4), covariance="radius")
+    radius = GaussianPrototypicalNetwork(
+        identity_embedding(4), covariance="radius", precision_head=False
+    )
     embeddings, precisions = radius.split(tf.zeros((5, 8)))
     assert embeddings.shape == (5, 7) and precisions.shape == (5, 7)
     with pytest.raises(ValueError, match="even encoder output"):
         diagonal.split(tf.zeros((5, 7)))
     with pytest.raises(ValueError, match="'radius' or 'diagonal'"):
         GaussianPrototypicalNetwork(identity_embedding(4), covariance="full")
+
+
+def test_gaussian_precision_head_is_unconstrained_and_learns():
+    # A ReLU encoder: its outputs are >= 0, so a precision read off them could not go
+    # below 1 + ln 2. The head's raw precision is a linear map and can.
+    encoder = keras.Sequential([keras.Input((3,)), keras.layers.ReLU()])
+    model = GaussianPrototypicalNetwork(encoder, covariance="radius")
+    x = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]], np.float32)
+    embeddings, precisions = model.split(encoder(x))
+    assert embeddings.shape == (2, 3) and precisions.shape == (2, 3)  # the whole output embeds
+    np.testing.assert_allclose(precisions, 1 + np.log(2.0), rtol=1e-6)  # zero start
+    model.precision_head.kernel.assign([[-2.0], [1.0], [0.0]])
+    model.precision_head.bias.assign([0.5])
+    raw = x @ np.array([-2.0, 1.0, 0.0]) + 0.5  # -1.5 and 3.5
+    _, precisions = model.split(encoder(x))
+    np.testing.assert_allclose(precisions[:, 0], 1 + np.log1p(np.exp(raw)), rtol=1e-5)
+    assert float(precisions[0, 0]) < 1 + np.log(2.0)  # below the floor of a ReLU output
+
+    diagonal = GaussianPrototypicalNetwork(encoder, covariance="diagonal")
+    assert diagonal.split(encoder(x))[1].shape == (2, 3)
+    assert diagonal.precision_head.kernel.shape == (3, 3)
+
+    # one training step moves the head (the gradient reaches it)
+    dense = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    learner = GaussianPrototypicalNetwork(dense, covariance="radius")
+    learner.compile(optimizer=keras.optimizers.SGD(0.1))
+    rng = np.random.default_rng(0)
+    support_x, query_x = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+    episode = tf.data.Dataset.from_tensors((
+        (support_x.astype("float32"), np.array([0, 0, 1, 1], np.int32), query_x.astype("float32")),
+        np.array([0, 1, 0, 1, 0, 1], np.int32),
+    ))
+    learner.fit(episode, epochs=1, verbose=0)
+    assert np.any(learner.precision_head.kernel.numpy() != 0)
 
 
 # --------------------------------------------- semi-supervised prototypical

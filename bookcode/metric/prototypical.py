@@ -121,26 +121,39 @@ class PrototypicalNetwork(FewShotClassifier):
 class GaussianPrototypicalNetwork(FewShotClassifier):
     """Gaussian prototypical network (Fort 2017).
 
-    The encoder's output (b, d + c) is split into an embedding (b, d) and a raw
-    precision (b, c), with ``c = 1`` for ``covariance="radius"`` and ``c = d``
-    for ``"diagonal"``. The precision of an example is ``s = 1 +
+    Every example gets an embedding (b, d) and a raw precision (b, c), with
+    ``c = 1`` for ``covariance="radius"`` and ``c = d`` for ``"diagonal"``.
+    With ``precision_head=True`` (default) the whole encoder output is the
+    embedding and a linear :class:`PrecisionHead` on it gives the raw
+    precision: an output of its own, unconstrained, whatever the encoder ends
+    with (Conv-4 ends in ReLU and max-pool, which would pin a precision read
+    off the encoder at its floor). With ``precision_head=False`` the encoder's
+    output (b, d + c) is split, as in Fort's code, and its last ``c`` units
+    must be free to go negative. The precision of an example is ``s = 1 +
     softplus(raw)``; a prototype is the precision-weighted mean of its support
     embeddings, the class precision is the sum of their precisions, and the
     logits are minus the squared Mahalanobis distances of the query
     embeddings (Fort's eq. 3-5).
     """
 
-    def __init__(self, embedding=None, covariance: str = "radius", **kwargs):
+    def __init__(
+        self, embedding=None, covariance: str = "radius", precision_head: bool = True, **kwargs
+    ):
         super().__init__(embedding, **kwargs)
         if covariance not in ("radius", "diagonal"):
             raise ValueError(f"covariance must be 'radius' or 'diagonal', got {covariance!r}")
         self.covariance = covariance
+        self.precision_head = PrecisionHead(covariance) if precision_head else None
 
     def split(self, outputs):
-        """Encoder outputs (b, d + c) -> embeddings (b, d), precisions (b, d)."""
+        """Encoder outputs -> embeddings (b, d), precisions (b, d)."""
         outputs = (
             tf.reshape(outputs, (tf.shape(outputs)[0], -1)) if outputs.shape.rank != 2 else outputs
         )
+        if self.precision_head is not None:
+            raw = tf.cast(self.precision_head(outputs), outputs.dtype)
+            precisions = 1.0 + tf.nn.softplus(raw)
+            return outputs, tf.broadcast_to(precisions, tf.shape(outputs))
         total = outputs.shape[-1]
         if self.covariance == "radius":
             size = total - 1
@@ -166,6 +179,34 @@ class GaussianPrototypicalNetwork(FewShotClassifier):
     def score(self, state, query):
         prototypes, class_precision = state
         return -mahalanobis_distance(self.split(query)[0], prototypes, class_precision)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "covariance": self.covariance,
+            "precision_head": self.precision_head is not None,
+        }
+
+
+@keras.saving.register_keras_serializable(package="bookcode")
+class PrecisionHead(keras.layers.Layer):
+    """The raw precision of a Gaussian prototypical network's examples: a
+    linear map of the embedding (b, d) to (b, 1) (``"radius"``) or (b, d)
+    (``"diagonal"``), starting at zero (every precision starts at 1 + ln 2)."""
+
+    def __init__(self, covariance: str = "radius", **kwargs):
+        super().__init__(**kwargs)
+        self.covariance = covariance
+
+    def build(self, input_shape):
+        units = 1 if self.covariance == "radius" else input_shape[-1]
+        self.kernel = self.add_weight(shape=(input_shape[-1], units), initializer="zeros")
+        self.bias = self.add_weight(shape=(units,), initializer="zeros")
+
+    def call(self, embeddings):
+        return tf.matmul(embeddings, tf.cast(self.kernel, embeddings.dtype)) + tf.cast(
+            self.bias, embeddings.dtype
+        )
 
     def get_config(self):
         return {**super().get_config(), "covariance": self.covariance}
