@@ -27,11 +27,20 @@ saved with ``save()``/``keras.models.load_model``, all with
 
 The tasks of a meta-batch run inside one compiled ``tf.function`` through
 ``tf.map_fn``, each returning its own meta-gradient, which a ``combiner``
-merges (default :func:`mean_gradients`).
+merges (default :func:`mean_gradients`; :data:`gradient_agreement`, Eshratifar,
+Eigen & Pedram 2018, weighs each task by its agreement with the others,
+:func:`agreement_weights`, which :class:`AgreementLog` records during ``fit()``).
 """
 
 from .baselines import FineTuning
-from .combiners import mean_gradients
+from .callbacks import AgreementLog
+from .combiners import (
+    GradientAgreement,
+    agreement_gram,
+    agreement_weights,
+    gradient_agreement,
+    mean_gradients,
+)
 from .inner_loop import adapt, connect_gradients, forward, forward_with_statistics
 from .learners import ADML, CAML, MAML, AdaptedModel, GradientMetaLearner, adversarial_queries
 from .meta_sgd import MetaSGD
@@ -48,17 +57,22 @@ __all__ = [
     "SGD",
     "Adam",
     "AdaptedModel",
+    "AgreementLog",
     "FineTuning",
+    "GradientAgreement",
     "GradientMetaLearner",
     "MetaSGD",
     "Reptile",
     "UpdateRule",
     "adapt",
     "adversarial_queries",
+    "agreement_gram",
+    "agreement_weights",
     "connect_gradients",
     "fgsm",
     "forward",
     "forward_with_statistics",
+    "gradient_agreement",
     "mean_gradients",
     "metric_name",
     "task_loss",

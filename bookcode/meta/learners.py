@@ -371,15 +371,20 @@ class GradientMetaLearner(keras.Model):
 
     def train_step(self, data):
         (support_x, support_y, query_x), query_y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logs = {}
+        logs, per_batch = {}, {}
         if self._has_batch_objective():
             results, objective, grads = self.batch_gradients(support_x, support_y, query_x, query_y)
             logs["batch_objective"] = objective
         else:
             results, task_grads = self.task_gradients(support_x, support_y, query_x, query_y)
             grads = self.combine_gradients(task_grads)
+            # a combiner's batch_logs(task_grads) (e.g. gradient-agreement weights) are
+            # returned as they are, one value per meta-batch, for callbacks to read
+            if hasattr(self.combiner, "batch_logs"):
+                per_batch = dict(self.combiner.batch_logs(task_grads))
         self.optimizer.apply(grads, self.meta_variables)
-        return self._log({**{k: tf.reduce_mean(v) for k, v in results.items()}, **logs})
+        logs = self._log({**{k: tf.reduce_mean(v) for k, v in results.items()}, **logs})
+        return {**logs, **per_batch}
 
     def evaluation_results(self, meta_weights, support_x, support_y, query_x, query_y):
         """Loss and metric on the queries after first-order adaptation with
