@@ -340,3 +340,38 @@ def endless_dataset(element, prefetch: int = 2):
             yield pending.pop() if pending else element()
 
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(prefetch)
+
+
+def shuffle_labels(batch: Episode, fraction: float, rng=None, sets=("support", "query")):
+    """Label noise for a meta-batch (an :class:`Episode` with a leading task
+    axis, e.g. from :meth:`EpisodeSampler.sample_batch`): the labels of the
+    first ``round(fraction * tasks)`` tasks are randomly permuted across their
+    examples, in each of ``sets`` separately, so that the label no longer
+    depends on the image. (With one shot, permuting the support labels only
+    renames the classes; the shuffled queries are what makes the task noise.)
+
+    Returns ``(noisy_batch, corrupted)``: a copy of the batch and a boolean
+    mask of shape (tasks,). The corrupted tasks come first; gradient
+    combiners treat the tasks of a batch alike, so their place does not
+    matter. ``rng`` is a ``numpy.random.Generator`` or a seed.
+    """
+    tasks = batch.support_y.shape[0] if np.ndim(batch.support_y) == 2 else 0
+    if not tasks:
+        raise ValueError(
+            "shuffle_labels takes a meta-batch with a leading task axis (sample_batch), "
+            f"got support_y of shape {np.shape(batch.support_y)}"
+        )
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    unknown = set(sets) - {"support", "query"}
+    if unknown or not sets:
+        raise ValueError(f"sets must name 'support' and/or 'query', got {sets!r}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    corrupted = np.arange(tasks) < round(fraction * tasks)
+    noisy = Episode(**{k: getattr(batch, k) for k in Episode.__dataclass_fields__})
+    for name in sets:
+        labels = getattr(batch, f"{name}_y").copy()
+        for i in np.flatnonzero(corrupted):
+            labels[i] = rng.permutation(labels[i])
+        setattr(noisy, f"{name}_y", labels)
+    return noisy, corrupted

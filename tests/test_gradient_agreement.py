@@ -234,3 +234,33 @@ def test_learner_with_agreement_saves_and_loads(tmp_path):
         learner.predict_episode(batch[0][0], batch[1][0], batch[2][0]),
         rtol=1e-6,
     )
+
+
+# -- label-shuffled meta-batches (bookcode.episodes.shuffle_labels) ----------
+
+
+def test_shuffle_labels_corrupts_the_first_fraction_of_tasks():
+    from bookcode.episodes import ClassDataset, EpisodeSampler, shuffle_labels
+
+    x = np.arange(20 * 10, dtype=np.float32).reshape(200, 1)
+    dataset = ClassDataset(x, np.repeat(np.arange(20), 10), [str(c) for c in range(20)])
+    batch = EpisodeSampler(dataset, ways=5, shots=2, queries=6, seed=0).sample_batch(8)
+    noisy, corrupted = shuffle_labels(batch, 0.25, rng=0)
+    np.testing.assert_array_equal(corrupted, [True, True] + [False] * 6)
+    for i in range(8):
+        for name in ("support", "query"):
+            mine, clean = getattr(noisy, f"{name}_y")[i], getattr(batch, f"{name}_y")[i]
+            np.testing.assert_array_equal(np.sort(mine), np.sort(clean))  # same label counts
+            assert np.array_equal(mine, clean) != corrupted[i]  # changed exactly where corrupted
+    np.testing.assert_array_equal(noisy.query_x, batch.query_x)  # images untouched
+    # the original batch is untouched, and a seed repeats
+    again, _ = shuffle_labels(batch, 0.25, rng=0)
+    np.testing.assert_array_equal(again.query_y, noisy.query_y)
+    only_query, _ = shuffle_labels(batch, 0.25, rng=0, sets=("query",))
+    np.testing.assert_array_equal(only_query.support_y, batch.support_y)
+    with pytest.raises(ValueError, match="leading task axis"):
+        shuffle_labels(EpisodeSampler(dataset, 5, 2, 6, seed=0).sample(), 0.25)
+    with pytest.raises(ValueError, match="fraction"):
+        shuffle_labels(batch, 1.5)
+    with pytest.raises(ValueError, match="sets"):
+        shuffle_labels(batch, 0.5, sets=("train",))
