@@ -128,17 +128,22 @@ def conv_block(
     batch_norm_momentum: float = 0.99,
     dtype=None,
     batch_norm: str | None = None,
+    pool: bool = True,
+    padding: str = "same",
 ) -> keras.Sequential:
-    """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling.
-    ``batch_norm``: see :func:`conv4`."""
+    """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling (left out
+    with ``pool=False``). ``padding``: the convolution's, ``"same"`` or
+    ``"valid"``. ``batch_norm``: see :func:`conv4`."""
     norm = _batch_norm_class(batch_norm, fused_batch_norm)
+    if padding not in ("same", "valid"):
+        raise ValueError(f'padding must be "same" or "valid", got {padding!r}')
     return keras.Sequential(
         [
-            layers.Conv2D(filters, 3, padding="same", dtype=dtype),
+            layers.Conv2D(filters, 3, padding=padding, dtype=dtype),
             norm(momentum=batch_norm_momentum, dtype=dtype),
             layers.ReLU(dtype=dtype),
-            layers.MaxPooling2D(2, dtype=dtype),
-        ],
+        ]
+        + ([layers.MaxPooling2D(2, dtype=dtype)] if pool else []),
         name=name,
     )
 
@@ -153,6 +158,9 @@ def conv4(
     dtype=None,
     blocks: int = 4,
     batch_norm: str | None = None,
+    pooling_blocks: int | None = None,
+    padding="same",
+    flatten: bool = True,
 ) -> keras.Sequential:
     """The Conv-4 backbone of few-shot learning (Vinyals et al. 2016; Snell et
     al. 2017; Finn et al. 2017; Ravi & Larochelle 2017 with 32 filters):
@@ -168,9 +176,25 @@ def conv4(
     averages settle within a short training run. ``dtype`` is a Keras dtype
     policy for every layer (e.g. :func:`fast_precision`), default the global
     one.
+
+    Feature maps instead of vectors (the relation network's embedding, Sung et
+    al. 2018): ``pooling_blocks`` (default: all) is how many of the first
+    blocks pool, the others keep their resolution; ``padding`` is the
+    convolutions' padding, one string or one per block; ``flatten=False``
+    keeps the (h, w, filters) maps. The relation network's Omniglot embedding
+    is ``conv4(pooling_blocks=2, padding=["valid", "valid", "same", "same"],
+    flatten=False)``: 28x28 -> 5x5x64.
     """
     if blocks < 1:
         raise ValueError(f"blocks must be positive, got {blocks}")
+    pooling_blocks = blocks if pooling_blocks is None else pooling_blocks
+    if not 0 <= pooling_blocks <= blocks:
+        raise ValueError(f"pooling_blocks must be in 0..blocks={blocks}, got {pooling_blocks}")
+    paddings = [padding] * blocks if isinstance(padding, str) else list(padding)
+    if len(paddings) != blocks:
+        raise ValueError(f"padding needs one entry per block ({blocks}), got {padding!r}")
+    if num_classes is not None and not flatten:
+        raise ValueError("a dense head (num_classes) needs flatten=True")
     _batch_norm_class(batch_norm, fused_batch_norm)  # check the choice early
     model = keras.Sequential(name=name)
     model.add(keras.Input(shape=input_shape))
@@ -183,9 +207,41 @@ def conv4(
                 batch_norm_momentum,
                 dtype,
                 batch_norm,
+                pool=i < pooling_blocks,
+                padding=paddings[i],
             )
         )
-    model.add(layers.Flatten(dtype=dtype))
+    if flatten:
+        model.add(layers.Flatten(dtype=dtype))
     if num_classes is not None:
         model.add(layers.Dense(num_classes, name="logits", dtype=dtype))
+    return model
+
+
+def relation_module(
+    input_shape=(5, 5, 128),
+    filters: int = 64,
+    hidden: int = 8,
+    name: str = "relation_module",
+    batch_norm_momentum: float = 0.9,
+    dtype=None,
+    batch_norm: str = "fused",
+) -> keras.Sequential:
+    """The relation module of Sung et al. 2018 ("Learning to Compare"):
+    two blocks of [3x3 conv ``filters`` (padding same), batch norm, ReLU, 2x2
+    max-pool], a dense layer of ``hidden`` ReLU units and one output unit.
+
+    Input: concatenated feature-map pairs (b, h, w, 2c), for Omniglot
+    (b, 5, 5, 128); output: the relation *logit* (b, 1), before the sigmoid
+    that turns it into a score in [0, 1] (the learner applies it in float32).
+    ``batch_norm``: as in :func:`conv4` (default ``"fused"``).
+    """
+    model = keras.Sequential(name=name)
+    model.add(keras.Input(shape=input_shape))
+    for i in range(2):
+        name = f"relation_block{i + 1}"
+        model.add(conv_block(filters, name, False, batch_norm_momentum, dtype, batch_norm))
+    model.add(layers.Flatten(dtype=dtype))
+    model.add(layers.Dense(hidden, activation="relu", name="hidden", dtype=dtype))
+    model.add(layers.Dense(1, name="relation", dtype=dtype))
     return model

@@ -71,3 +71,36 @@ def test_fast_precision_environment_override(monkeypatch):
             nets.fast_precision()
     monkeypatch.delenv(nets.PRECISION_VAR)
     assert nets.fast_precision() == detected
+
+
+def test_conv4_feature_maps_without_pooling_and_relation_module():
+    # the relation network's embedding (Sung et al. 2018): 28 -> 26 -> 13 -> 11 -> 5 -> 5 -> 5
+    maps = nets.conv4(
+        filters=4, pooling_blocks=2, padding=["valid", "valid", "same", "same"], flatten=False
+    )
+    assert maps.output_shape == (None, 5, 5, 4)
+    assert [len(block.layers) for block in maps.layers] == [4, 4, 3, 3]  # no pool in 3-4
+    out = maps(np.zeros((2, 28, 28, 1), np.float32))
+    assert out.shape == (2, 5, 5, 4)
+    assert nets.conv4(filters=4, pooling_blocks=0).output_shape == (None, 28 * 28 * 4)
+    assert nets.conv4(filters=4, padding="valid", blocks=2).output_shape == (None, 5 * 5 * 4)
+    # defaults unchanged: every block pools, padding same, flattened
+    structure = lambda m: [
+        [(type(l).__name__, getattr(l, "padding", None)) for l in getattr(b, "layers", [b])]
+        for b in m.layers
+    ]
+    default = nets.conv4()
+    assert structure(default) == structure(nets.conv4(pooling_blocks=4, padding="same"))
+    assert default.output_shape == (None, 64) and len(default.layers[0].layers) == 4
+    for bad, match in [
+        ({"pooling_blocks": 5}, "pooling_blocks must be"),
+        ({"padding": ["same"] * 3}, "one entry per block"),
+        ({"padding": "full"}, "padding must be"),
+        ({"num_classes": 5, "flatten": False}, "needs flatten=True"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            nets.conv4(**bad)
+    relation = nets.relation_module((5, 5, 8), filters=4, hidden=3)
+    assert relation.output_shape == (None, 1)
+    # 5x5 -> pool 2x2 -> pool 1x1; conv 3*3*8*4+4, bn 16, conv 3*3*4*4+4, bn 16, dense 4*3+3, 3+1
+    assert relation.count_params() == 292 + 16 + 148 + 16 + 15 + 4

@@ -75,6 +75,10 @@ def _factories():
             _conv(), masked=True
         ),
         "SiameseNetwork": siamese_concatenated,
+        "RelationNetwork": lambda: metric.RelationNetwork(
+            _conv(pooling_blocks=2, padding=["valid", "valid", "same", "same"], flatten=False)
+        ),
+        "MatchingNetwork": lambda: metric.MatchingNetwork(_conv(), fce=True, processing_steps=2),
         "MAML": lambda: meta.MAML(_conv(num_classes=WAYS), inner_lr=0.1, inner_steps=2),
         "ADML": lambda: meta.ADML(_conv(num_classes=WAYS), epsilon=0.05, inner_steps=1),
         "CAML": None,  # flat inputs: built in the test

@@ -5,6 +5,8 @@ by its distances to the support set (chapters 2-4).
 - :mod:`.distances`: the distances and similarities they share;
 - :mod:`.prototypical`: prototypical networks (plain, Gaussian, semi-supervised);
 - :mod:`.siamese`: Siamese networks and contrastive losses;
+- :mod:`.relation`: relation networks (a learned comparison of feature maps);
+- :mod:`.matching`: matching networks (cosine attention, full context embeddings);
 - :mod:`.heads`: cosine classifier and concatenated embeddings.
 
 The verification metrics (``roc_curve``, ``roc_auc``, ``best_threshold``,
@@ -22,6 +24,7 @@ from .distances import (
     squared_euclidean_distance,
 )
 from .heads import ConcatenatedEmbedding, CosineClassifier, concatenate_embeddings
+from .matching import AttentionLSTM, MatchingNetwork, SupportContext, matching_log_probabilities
 from .prototypical import (
     GaussianPrototypicalNetwork,
     PrototypicalNetwork,
@@ -29,24 +32,32 @@ from .prototypical import (
     class_prototypes,
     soft_kmeans_refinement,
 )
+from .relation import RelationNetwork, class_sums, relation_pairs
 from .siamese import SiameseNetwork, all_pairs_contrastive_loss, contrastive_loss
 
 __all__ = [
+    "AttentionLSTM",
     "ConcatenatedEmbedding",
     "CosineClassifier",
     "FewShotClassifier",
     "GaussianPrototypicalNetwork",
+    "MatchingNetwork",
     "PrototypicalNetwork",
+    "RelationNetwork",
     "SemiSupervisedPrototypicalNetwork",
     "SiameseNetwork",
+    "SupportContext",
     "all_pairs_contrastive_loss",
     "best_threshold",
     "class_prototypes",
+    "class_sums",
     "concatenate_embeddings",
     "contrastive_loss",
     "cosine_similarity",
     "euclidean_distance",
     "mahalanobis_distance",
+    "matching_log_probabilities",
+    "relation_pairs",
     "roc_auc",
     "roc_curve",
     "soft_kmeans_refinement",
