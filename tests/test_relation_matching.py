@@ -82,6 +82,14 @@ def test_class_sums_for_k_shot():
     np.testing.assert_allclose(sums[0], features[1] + features[4])
     np.testing.assert_allclose(sums[1], features[3])
     np.testing.assert_allclose(sums[2], features[0] + features[2])
+    embedding = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Identity()])
+    relation = keras.Sequential(
+        [keras.Input((2, 2, 6)), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    means = RelationNetwork(embedding, relation, combine="mean").process_support(features, labels)
+    np.testing.assert_allclose(means.numpy(), sums / np.array([2, 1, 2])[:, None, None, None])
+    with pytest.raises(ValueError, match="combine must be"):
+        RelationNetwork(embedding, relation, combine="max")
     pairs = relation_pairs(sums, features[:2]).numpy()  # query-major, [class, query]
     assert pairs.shape == (6, 2, 2, 6)
     np.testing.assert_allclose(pairs[4], np.concatenate([sums[1], features[1]], axis=-1))
@@ -114,6 +122,17 @@ def test_relation_network_trains_with_fit_and_updates_batch_norm():
     history = model.fit(data, steps_per_epoch=6, epochs=2, verbose=0).history
     assert history["loss"][-1] < history["loss"][0]
     assert not np.allclose(model.relation.layers[0].layers[1].moving_mean.numpy(), moving)
+
+
+def test_relation_network_mean_saves_and_loads(tmp_path):
+    model = _small_relation_network()
+    model = RelationNetwork(model.embedding, combine="mean")
+    episode = _episode(shots=3)
+    before = model.predict_episode(*episode)
+    model.save(tmp_path / "relation.keras")
+    loaded = keras.models.load_model(tmp_path / "relation.keras")
+    assert loaded.combine == "mean"
+    np.testing.assert_allclose(loaded.predict_episode(*episode), before, rtol=1e-5, atol=1e-6)
 
 
 def test_relation_network_bad_inputs():
@@ -235,12 +254,12 @@ def test_matching_network_shapes_and_support_order(fce):
 
 def test_matching_network_learns_scale_and_bad_inputs(tmp_path):
     keras.utils.set_random_seed(0)
-    model = MatchingNetwork(nets.conv4(filters=4), fce=True, processing_steps=2, scale=5.0)
+    model = MatchingNetwork(nets.conv4(filters=4), fce=True, processing_steps=1, scale=5.0)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     support_x, support_y, query_x = _episode()
     query_y = np.repeat(np.arange(3), 2).astype(np.int32)
     data = tf.data.Dataset.from_tensors(((support_x, support_y, query_x), query_y)).repeat()
-    history = model.fit(data, steps_per_epoch=5, epochs=2, verbose=0).history
+    history = model.fit(data, steps_per_epoch=4, epochs=2, verbose=0).history
     assert history["loss"][-1] < history["loss"][0]
     assert float(model.scale) != pytest.approx(5.0)
     fixed = MatchingNetwork(nets.conv4(filters=4), scale=5.0, learn_scale=False)

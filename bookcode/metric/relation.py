@@ -50,13 +50,21 @@ class RelationNetwork(FewShotClassifier):
     ``relation``: pairs (b, h, w, 2k) -> relation logits (b, 1); default
     :func:`bookcode.nets.relation_module` sized for the embedding.
 
+    ``combine``: how the K shots of a class make one feature map, ``"sum"``
+    (the paper) or ``"mean"``. With one shot both are the same; a network
+    trained with one shot and sums meets 5x larger inputs with 5 shots,
+    which the mean avoids.
+
     The logits of :meth:`score` are the relation scores themselves, sigmoids
     in [0, 1] (``argmax`` picks the class); :meth:`episode_loss` is their mean
     squared error against the one-hot labels.
     """
 
-    def __init__(self, embedding=None, relation=None, **kwargs):
+    def __init__(self, embedding=None, relation=None, combine: str = "sum", **kwargs):
+        if combine not in ("sum", "mean"):
+            raise ValueError(f'combine must be "sum" or "mean", got {combine!r}')
         super().__init__(embedding, **kwargs)
+        self.combine = combine
         shape = (
             tuple(self.embedding.output_shape[1:])
             if hasattr(self.embedding, "output_shape")
@@ -86,7 +94,11 @@ class RelationNetwork(FewShotClassifier):
         )  # fmt: skip
 
     def process_support(self, support, support_y):
-        return class_sums(support, support_y)
+        sums = class_sums(support, support_y)
+        if self.combine == "sum":
+            return sums
+        counts = class_sums(tf.ones_like(support_y, tf.float32), support_y)
+        return sums / tf.reshape(counts, (-1, 1, 1, 1))
 
     def _split_first_convolution(self):
         """The relation module's first convolution, its block and the layers
@@ -137,6 +149,7 @@ class RelationNetwork(FewShotClassifier):
         return {
             **super().get_config(),
             "relation": keras.saving.serialize_keras_object(self.relation),
+            "combine": self.combine,
         }
 
     @classmethod
