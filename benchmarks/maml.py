@@ -1,4 +1,4 @@
-"""Speed and memory of MAML meta-training steps (bookcode.meta).
+"""Speed and memory of meta-training steps: MAML, Meta-SGD, Reptile (bookcode.meta).
 
 Workloads (random 28x28 inputs, Conv-4 with 64 filters, batch norm and
 max-pool, 5-way 1-shot, 15 queries per class), as in ANCHORS.md:
@@ -8,6 +8,13 @@ max-pool, 5-way 1-shot, 15 queries per class), as in ANCHORS.md:
   fo-32x1   first order, meta-batch 32, 1 inner step
   fo-8x5    first order, meta-batch 8, 5 inner steps (a graph loop since the
             bookcode.meta package; unrolled before)
+  metasgd-so-32x1, metasgd-fo-32x1
+            Meta-SGD (learned per-weight rates), as so-32x1 / fo-32x1: its
+            meta-step should cost at most 1.1x MAML's
+  reptile-5x5
+            Reptile, meta-batch 5, 5-way 10-shot tasks, 5 inner Adam steps
+            (beta_1 = 0) on minibatches of 10; the same size as
+            benchmarks/reptile_torch.py, the plain PyTorch peer
 
 Each workload runs in its own process (so peak memory is its own). We report
 tasks per second of wall time, tasks per second of CPU time (user + sys, a
@@ -35,6 +42,9 @@ WORKLOADS = {
     "so-8x5": {"first_order": False, "batch": 8, "steps": 5},
     "fo-32x1": {"first_order": True, "batch": 32, "steps": 1},
     "fo-8x5": {"first_order": True, "batch": 8, "steps": 5},
+    "metasgd-so-32x1": {"first_order": False, "batch": 32, "steps": 1, "learner": "metasgd"},
+    "metasgd-fo-32x1": {"first_order": True, "batch": 32, "steps": 1, "learner": "metasgd"},
+    "reptile-5x5": {"first_order": True, "batch": 5, "steps": 5, "learner": "reptile"},
 }
 
 
@@ -55,14 +65,26 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
     ways, shots, queries, b = 5, 1, 15, cfg["batch"]
-    maml = meta.MAML(
-        conv4(filters=filters, num_classes=ways, fused_batch_norm=fused),
-        inner_lr=0.4,
-        inner_steps=cfg["steps"],
-        first_order=cfg["first_order"],
-        parallel_tasks=parallel_tasks,
-    )
-    maml.compile(keras.optimizers.Adam(1e-3))
+    network = conv4(filters=filters, num_classes=ways, fused_batch_norm=fused)
+    learner = cfg.get("learner", "maml")
+    if learner == "reptile":
+        shots, queries = 10, 1
+        maml = meta.Reptile(
+            network, inner_lr=1e-3, inner_steps=cfg["steps"], inner_batch=10,
+            parallel_tasks=parallel_tasks,
+        )  # fmt: skip
+        maml.compile(meta.Reptile.annealed_sgd(1.0, 0.0, 100000))
+    else:
+        cls = meta.MetaSGD if learner == "metasgd" else meta.MAML
+        options = {} if learner == "metasgd" else {"inner_lr": 0.4}
+        maml = cls(
+            network,
+            inner_steps=cfg["steps"],
+            first_order=cfg["first_order"],
+            parallel_tasks=parallel_tasks,
+            **options,
+        )
+        maml.compile(keras.optimizers.Adam(1e-3))
     rng = np.random.default_rng(0)
     x = (
         rng.uniform(size=(b, ways * shots, 28, 28, 1)).astype("float32"),
