@@ -61,6 +61,20 @@ def by_profile(quick, full):
     return full if profile() == "full" else quick
 
 
+_seed_offset = 0
+
+
+def seeded(n: int) -> int:
+    """A notebook's own seed ``n`` for a later cell (``set_random_seed``, a
+    sampler's ``seed=``), moved by ``$BOOKCODE_SEED`` as much as the seed of
+    :func:`setup`: unchanged in a normal run, different in every cell of a
+    run with another seed, so that ``benchmarks/multirun.py`` varies every
+    random choice of the notebook, not only the first."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"seeded() takes a non-negative integer, got {n!r}")
+    return (n + _seed_offset) % 2**31
+
+
 def setup(seed: int = 0) -> str:
     """Prepare a chapter notebook; returns the profile (``"quick"`` or ``"full"``).
 
@@ -91,6 +105,8 @@ def setup(seed: int = 0) -> str:
     value = os.environ.get(SEED_VAR, "").strip()
     if value and not value.isdigit():
         raise ValueError(f"{SEED_VAR}={value!r}; expected a non-negative integer")
+    global _seed_offset
+    _seed_offset = int(value) - seed if value else 0
     seed = int(value or seed)
     _import_tensorflow()
     import keras

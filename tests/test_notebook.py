@@ -71,6 +71,24 @@ def test_setup_environment_overrides(monkeypatch, capsys, restore_tensorflow_sta
     assert np.random.rand() == first
 
 
+def test_seeded_follows_the_seed_variable(monkeypatch, capsys, restore_tensorflow_state):
+    monkeypatch.delenv(notebook.SEED_VAR, raising=False)
+    notebook.setup(seed=3)
+    assert [notebook.seeded(n) for n in (0, 2, 2024)] == [0, 2, 2024]  # a normal run
+    monkeypatch.setenv(notebook.SEED_VAR, "7")
+    notebook.setup(seed=3)
+    assert [notebook.seeded(n) for n in (0, 2, 2024)] == [4, 6, 2028]  # every seed moves by 4
+    monkeypatch.setenv(notebook.SEED_VAR, "0")
+    notebook.setup(seed=3)
+    assert notebook.seeded(1) == 2**31 - 2  # still a valid seed
+    monkeypatch.setenv(notebook.SEED_VAR, "3")
+    notebook.setup(seed=3)
+    assert notebook.seeded(5) == 5  # the notebook's own seed: unchanged
+    with pytest.raises(ValueError, match="non-negative integer"):
+        notebook.seeded(-1)
+    capsys.readouterr()
+
+
 def test_setup_hides_no_warning_but_the_known_harmless_one(restore_tensorflow_state, capsys):
     notebook.setup()
     with warnings.catch_warnings(record=True) as caught:
