@@ -478,31 +478,10 @@ def test_fine_tuning_is_gradient_descent_on_the_support_set():
         meta.FineTuning(net, steps=0)
 
 
-class PerParameterRates(meta.MAML):
-    """Meta-SGD in a few lines (Li et al. 2017): learned per-parameter rates."""
-
-    def __init__(self, model, **kwargs):
-        super().__init__(model, **kwargs)
-        self.rates = [
-            self.add_weight(shape=v.shape, initializer=keras.initializers.Constant(0.5),
-                            dtype=v.dtype, name="rate")
-            for v in model.trainable_variables
-        ]  # fmt: skip
-
-    @property
-    def meta_variables(self):
-        return list(self.model.trainable_variables) + self.rates
-
-    def initial_fast_weights(self, meta_weights):
-        return meta_weights[: len(self.rates)]
-
-    def update_rule(self, meta_weights):
-        return meta.SGD(meta_weights[len(self.rates) :])
-
-
 def test_the_engine_supports_learned_per_parameter_rates():
     batch = batched(tiny_task())
-    learner = PerParameterRates(tiny_net(), inner_steps=1)
+    # Meta-SGD (bookcode.meta.MetaSGD) with every rate 0.5
+    learner = meta.MetaSGD(tiny_net(), inner_steps=1, rate_range=(0.5, 0.5))
     results, grads = learner.task_gradients(*batch)
     n = len(learner.rates)
     # same value as MAML with the scalar rate 0.5; the rates get gradients too
