@@ -149,9 +149,12 @@ LEARNERS = {
         tiny_net(), inner_lr=0.5, inner_steps=2, combiner=gradient_agreement
     ),
     "Reptile": lambda: meta.Reptile(
-        tiny_net(), inner_lr=0.1, inner_steps=3, inner_optimizer="sgd",
+        tiny_net(),
+        inner_lr=0.1,
+        inner_steps=3,
+        inner_optimizer="sgd",
         combiner=gradient_agreement,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -181,9 +184,9 @@ def test_agreement_log_over_several_batches_and_fits():
     learner = LEARNERS["MAML first order"]()
     learner.compile(keras.optimizers.Adam(1e-2))
     batches = [tiny_batch(seed=s) for s in range(3)]
-    dataset = tf.data.Dataset.from_tensor_slices(
-        tuple(np.stack(a) for a in zip(*batches))
-    ).map(lambda sx, sy, qx, qy: ((sx, sy, qx), qy))
+    dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(a) for a in zip(*batches))).map(
+        lambda sx, sy, qx, qy: ((sx, sy, qx), qy)
+    )
     log = AgreementLog()
     history = learner.fit(dataset, epochs=2, verbose=0, callbacks=[log])
     assert log.values.shape == (6, 4)
@@ -203,7 +206,10 @@ def test_label_shuffled_task_points_against_the_others():
     y[0, 6:] = rng.permutation(y[0, 6:])
     w = agreement_weights(
         learner.task_gradients(
-            tf.constant(x[:, :6]), tf.constant(y[:, :6]), tf.constant(x[:, 6:]), tf.constant(y[:, 6:])
+            tf.constant(x[:, :6]),
+            tf.constant(y[:, :6]),
+            tf.constant(x[:, 6:]),
+            tf.constant(y[:, 6:]),
         )[1]
     ).numpy()
     assert np.argmin(w) == 0, w
@@ -222,9 +228,7 @@ def test_learner_with_agreement_saves_and_loads(tmp_path):
     learner = LEARNERS["MAML first order"]()
     learner.compile(keras.optimizers.Adam(1e-2))
     batch = tiny_batch()
-    learner.fit(
-        tf.data.Dataset.from_tensors(((batch[0], batch[1], batch[2]), batch[3])), verbose=0
-    )
+    learner.fit(tf.data.Dataset.from_tensors(((batch[0], batch[1], batch[2]), batch[3])), verbose=0)
     path = tmp_path / "maml_ga.keras"
     learner.save(path)
     loaded = keras.models.load_model(path)
