@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from bookcode import meta
 from bookcode.nets import BatchNormalization, FusedBatchNormalization
+from test_meta import round_trip  # the save/load check shared with MAML's tests
 
 
 def tiny_net(dtype="float64", inputs=2, outputs=3, seed=0, batch_norm=False):
@@ -282,17 +283,6 @@ def test_reptile_rejects_bad_arguments():
         meta.Reptile(tiny_net(), inner_batch=0)
     with pytest.raises(ValueError, match="first order"):
         meta.Reptile(tiny_net()).first_order = False
-
-
-def round_trip(learner, tmp_path, episode):
-    path = str(tmp_path / f"{type(learner).__name__}.keras")
-    learner.save(path)
-    loaded = keras.models.load_model(path)
-    assert type(loaded) is type(learner)
-    np.testing.assert_allclose(
-        loaded.predict_episode(*episode), learner.predict_episode(*episode), rtol=1e-6, atol=1e-7
-    )
-    return loaded
 
 
 def test_save_and_load(tmp_path):
