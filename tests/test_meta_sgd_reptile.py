@@ -8,24 +8,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_meta import round_trip, tiny_net  # shared with MAML's tests
 
 from bookcode import meta
-from bookcode.nets import BatchNormalization, FusedBatchNormalization
-from test_meta import round_trip  # the save/load check shared with MAML's tests
-
-
-def tiny_net(dtype="float64", inputs=2, outputs=3, seed=0, batch_norm=False):
-    keras.utils.set_random_seed(seed)
-    norm = [BatchNormalization(dtype=dtype)] if batch_norm else []
-    return keras.Sequential(
-        [
-            keras.Input((inputs,), dtype=dtype),
-            keras.layers.Dense(4, dtype=dtype),
-            *norm,
-            keras.layers.Activation("tanh", dtype=dtype),
-            keras.layers.Dense(outputs, dtype=dtype),
-        ]
-    )
+from bookcode.nets import FusedBatchNormalization
 
 
 def tiny_task(seed=0, ways=3):
