@@ -255,7 +255,9 @@ class GradientMetaLearner(keras.Model):
         names = self.fast_weight_names
         unused = {v.path for v in self.unused_variables}
         return adapt(
-            self.inner_loss(meta_weights, support_x, support_y) if inner_loss is None else inner_loss,
+            self.inner_loss(meta_weights, support_x, support_y)
+            if inner_loss is None
+            else inner_loss,
             self.initial_fast_weights(meta_weights),
             steps,
             self.update_rule(meta_weights),
