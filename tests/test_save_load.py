@@ -84,6 +84,8 @@ def _factories():
         "CAML": None,  # flat inputs: built in the test
         "FineTuning": lambda: meta.FineTuning(_conv(num_classes=WAYS), steps=3),
         "MetaSGD": lambda: meta.MetaSGD(_conv(num_classes=WAYS), rate_seed=0),
+        "TAML": lambda: meta.TAML(_conv(num_classes=WAYS), variant="atkinson", weight=0.5,
+                                  measure_options={"epsilon": 1.0}),  # fmt: skip
         "Reptile": lambda: meta.Reptile(
             _conv(num_classes=WAYS), inner_steps=2, inner_batch=4, transductive=False
         ),

@@ -23,6 +23,11 @@ saved with ``save()``/``keras.models.load_model``, all with
   Few-Shot Learning"): one learned inner rate per weight;
 - :class:`Reptile` (Nichol, Achiam & Schulman 2018, "On First-Order
   Meta-Learning Algorithms"): the update is initial minus adapted weights;
+- :class:`TAML` (Jamal & Qi 2019, "Task-Agnostic Meta-Learning for Few-shot
+  Learning"): MAML plus an entropy term or an inequality measure of the
+  tasks' initial losses (:data:`INEQUALITY_MEASURES`: :func:`theil_index`,
+  :func:`generalized_entropy`, :func:`atkinson_index`,
+  :func:`gini_coefficient`, :func:`variance_of_logarithms`);
 - :class:`FineTuning`, the fine-tuning baseline (Ravi & Larochelle 2017).
 
 The tasks of a meta-batch run inside one compiled ``tf.function`` through
@@ -46,15 +51,27 @@ from .learners import ADML, CAML, MAML, AdaptedModel, GradientMetaLearner, adver
 from .meta_sgd import MetaSGD
 from .objectives import CLASSIFICATION, REGRESSION, fgsm, metric_name, task_loss, task_metric
 from .reptile import Reptile
+from .taml import (
+    INEQUALITY_MEASURES,
+    TAML,
+    atkinson_index,
+    generalized_entropy,
+    gini_coefficient,
+    prediction_entropy,
+    theil_index,
+    variance_of_logarithms,
+)
 from .update_rules import SGD, Adam, UpdateRule
 
 __all__ = [
     "ADML",
     "CAML",
     "CLASSIFICATION",
+    "INEQUALITY_MEASURES",
     "MAML",
     "REGRESSION",
     "SGD",
+    "TAML",
     "Adam",
     "AdaptedModel",
     "AgreementLog",
@@ -68,13 +85,19 @@ __all__ = [
     "adversarial_queries",
     "agreement_gram",
     "agreement_weights",
+    "atkinson_index",
     "connect_gradients",
     "fgsm",
     "forward",
     "forward_with_statistics",
+    "generalized_entropy",
+    "gini_coefficient",
     "gradient_agreement",
     "mean_gradients",
     "metric_name",
+    "prediction_entropy",
     "task_loss",
     "task_metric",
+    "theil_index",
+    "variance_of_logarithms",
 ]
