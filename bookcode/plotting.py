@@ -1,6 +1,6 @@
 """The figures the chapters draw: an episode, learning curves, adaptation
-curves, embeddings in 2-D, and heat maps (attention, memory weights, Gram
-matrices).
+curves, embeddings in 2-D, heat maps (attention, memory weights, Gram
+matrices) and robot trajectories.
 
 Every function takes an optional matplotlib ``ax`` to draw into (else it makes
 a new figure) and returns the Figure. Arrays may be NumPy arrays or tensors.
@@ -226,6 +226,53 @@ def heatmap(
     ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
     if colorbar:
         fig.colorbar(image, ax=ax)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def trajectories(
+    paths,
+    goals=None,
+    *,
+    starts: bool = True,
+    labels=None,
+    square=(-0.5, 0.5),
+    title: str | None = None,
+    ax=None,
+):
+    """Paths of a 2-D robot, each a line from its start (a dot) with its goal
+    (a cross, same colour), in the task square ``square`` (dashed). ``paths``
+    is (n, T, 2) or one path (T, 2); ``goals`` (n, 2) or (2,); ``labels`` one
+    legend entry per path. For the point-navigation tasks of
+    :mod:`bookcode.control` (Finn et al. 2017, figure 5)."""
+    paths = np.asarray(paths, dtype=np.float64)
+    if paths.ndim == 2:
+        paths = paths[None]
+    if paths.ndim != 3 or paths.shape[-1] != 2 or 0 in paths.shape:
+        raise ValueError(f"paths must be (n, T, 2) or (T, 2), got shape {paths.shape}")
+    if goals is not None:
+        goals = np.asarray(goals, dtype=np.float64).reshape(-1, 2)
+        if len(goals) not in (1, len(paths)):
+            raise ValueError(f"{len(goals)} goals for {len(paths)} paths: give 1 or {len(paths)}")
+        goals = np.broadcast_to(goals, (len(paths), 2))
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
+    fig, ax = _figure(ax, (4, 4))
+    if square is not None:
+        low, high = square
+        ax.plot([low, high, high, low, low], [low, low, high, high, low], "k--", lw=0.8, alpha=0.5)
+    for i, path in enumerate(paths):
+        colour = f"C{i % 10}"
+        ax.plot(*path.T, color=colour, lw=1.2, label=None if labels is None else str(labels[i]))
+        if starts:
+            ax.plot(*path[0], "o", color=colour, ms=4)
+        if goals is not None:
+            ax.plot(*goals[i], "x", color=colour, ms=9, mew=2)
+    ax.set_aspect("equal")
+    ax.grid(True, alpha=0.3)
+    if labels is not None:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return fig

@@ -121,3 +121,19 @@ def test_heatmap_shows_the_matrix_without_grid():
     assert not any(line.get_visible() for line in ax.get_xgridlines())
     with pytest.raises(ValueError, match="2-D array"):
         plotting.heatmap(np.zeros(3))
+
+
+def test_trajectories_draw_a_path_a_start_and_a_goal_each():
+    paths = np.cumsum(np.full((2, 5, 2), 0.1), axis=1)
+    fig = plotting.trajectories(paths, [[0.4, 0.4], [0.5, 0.5]], labels=["a", "b"])
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    assert len(lines) == 1 + 2 * 3  # the square, then path, start, goal per path
+    np.testing.assert_allclose(lines[1].get_xydata(), paths[0])
+    np.testing.assert_allclose(lines[3].get_xydata(), [[0.4, 0.4]])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+    plotting.trajectories(paths[0], [0.4, 0.4], square=None)
+    with pytest.raises(ValueError, match="3 goals for 2 paths"):
+        plotting.trajectories(paths, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="paths must be"):
+        plotting.trajectories(np.zeros((2, 5, 3)))
