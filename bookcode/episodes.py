@@ -375,3 +375,168 @@ def shuffle_labels(batch: Episode, fraction: float, rng=None, sets=("support", "
             labels[i] = rng.permutation(labels[i])
         setattr(noisy, f"{name}_y", labels)
     return noisy, corrupted
+
+
+@dataclass
+class LabelSequence:
+    """One episode of Santoro et al. (2016) as a sequence, or a batch of them
+    (one more leading axis on every array).
+
+    ``x`` (time, ...): the examples, ``ways`` classes x ``instances`` each,
+    shuffled; ``y`` (time,) their labels in ``0..ways-1`` (or (time, 5) digits
+    in ``0..4`` with string labels); ``previous`` (time, label_size): the
+    previous step's label, one-hot (zeros at the first step), fed with ``x``;
+    ``instance`` (time,): which presentation of its class each step is (0 for
+    the first); ``classes`` (ways,): dataset classes in label order.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    previous: np.ndarray
+    instance: np.ndarray
+    classes: np.ndarray
+
+    def inputs(self) -> np.ndarray:
+        """``concat(flatten(x), previous)`` per step, float32: (..., time, features + label_size)."""
+        lead = self.previous.shape[:-1]
+        flat = self.x.reshape(lead + (-1,)).astype(np.float32)
+        return np.concatenate([flat, self.previous.astype(np.float32)], axis=-1)
+
+
+def instance_numbers(labels) -> np.ndarray:
+    """For every step, how many times its label was seen before (0 for a
+    first presentation). ``labels``: (time,) or (batch, time) integers (encode
+    string labels as one integer per step first)."""
+    labels = np.asarray(labels)
+    if labels.ndim not in (1, 2) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integers of shape (time,) or (batch, time), got {labels.dtype} "
+            f"{labels.shape}"
+        )
+    squeeze = labels.ndim == 1
+    labels = np.atleast_2d(labels)
+    counts = np.zeros(labels.shape, np.int64)
+    for row, sequence in enumerate(labels):
+        seen: dict = {}
+        for t, label in enumerate(sequence.tolist()):
+            counts[row, t] = seen.get(label, 0)
+            seen[label] = counts[row, t] + 1
+    return counts[0] if squeeze else counts
+
+
+class SequenceSampler:
+    """Episodes as labelled sequences (Santoro et al. 2016, section 4.1).
+
+    Each episode draws ``ways`` classes and ``instances`` examples of each
+    (through :class:`EpisodeSampler`: same checks and errors), shuffles the
+    ``ways * instances`` examples into one sequence, gives the classes a new
+    random labelling, and feeds each step's example with the *previous* step's
+    label, so a model must remember an example until its label arrives.
+
+    ``labels="one_hot"`` (default): labels ``0..ways-1``, fed as one-hot
+    vectors of size ``ways``. ``labels="string"``: every class gets a random
+    string of five characters from an alphabet of five (distinct strings in
+    an episode), fed as five concatenated one-hot vectors (size 25) and
+    predicted character by character, as in the paper for 15 or more classes.
+    """
+
+    STRING_LENGTH, ALPHABET = 5, 5
+
+    def __init__(
+        self,
+        dataset: ClassDataset,
+        ways: int = 5,
+        instances: int = 10,
+        seed: int | None = None,
+        labels: str = "one_hot",
+    ):
+        _check_positive(ways=ways, instances=instances)
+        if labels not in ("one_hot", "string"):
+            raise ValueError(f"labels must be 'one_hot' or 'string', got {labels!r}")
+        if instances < 2:
+            raise ValueError(f"instances must be at least 2, got {instances}")
+        # one support and instances - 1 queries per class: the episode sampler
+        # checks that the dataset has enough classes and examples
+        self.episodes = EpisodeSampler(
+            dataset, ways=ways, shots=1, queries=instances - 1, seed=seed
+        )
+        self.ways, self.instances, self.labels = ways, instances, labels
+        self.seed = seed
+        self._rng = np.random.default_rng(None if seed is None else seed + 1)
+
+    @property
+    def label_size(self) -> int:
+        """Size of the fed label vector: ``ways`` one-hot, or 25 for strings."""
+        return self.ways if self.labels == "one_hot" else self.STRING_LENGTH * self.ALPHABET
+
+    def __repr__(self):
+        return (
+            f"SequenceSampler({self.ways} classes x {self.instances} instances, "
+            f"{self.labels} labels, {len(self.episodes._eligible)} classes)"
+        )
+
+    def _sequence(self, episode: Episode, rng) -> LabelSequence:
+        ways, k = self.ways, self.instances
+        query = episode.query_x.reshape((ways, k - 1) + episode.query_x.shape[1:])
+        x = np.concatenate([episode.support_x[:, None], query], axis=1)
+        x = x.reshape((ways * k,) + x.shape[2:])
+        relabel = rng.permutation(ways)
+        y = relabel[np.repeat(np.arange(ways), k)]
+        order = rng.permutation(ways * k)
+        x, y = x[order], y[order]
+        classes = np.empty(ways, episode.classes.dtype)
+        classes[relabel] = episode.classes
+        instance = instance_numbers(y)
+        if self.labels == "one_hot":
+            fed = np.eye(ways, dtype=np.float32)[y]
+        else:
+            codes = self._strings(rng)  # (ways, 5)
+            y = codes[y]
+            fed = np.eye(self.ALPHABET, dtype=np.float32)[y].reshape(len(y), -1)
+        previous = np.concatenate([np.zeros_like(fed[:1]), fed[:-1]])
+        return LabelSequence(x=x, y=y, previous=previous, instance=instance, classes=classes)
+
+    def _strings(self, rng) -> np.ndarray:
+        total = self.ALPHABET**self.STRING_LENGTH
+        if self.ways > total:
+            raise ValueError(f"string labels allow at most {total} classes, got {self.ways}")
+        picked = rng.choice(total, size=self.ways, replace=False)
+        digits = (picked[:, None] // self.ALPHABET ** np.arange(self.STRING_LENGTH)) % self.ALPHABET
+        return digits.astype(np.int64)
+
+    def sample(self) -> LabelSequence:
+        """The next sequence of this sampler's random stream."""
+        return self._sequence(self.episodes.sample(), self._rng)
+
+    def sample_batch(self, batch_size: int) -> LabelSequence:
+        """``batch_size`` sequences stacked on a new leading axis."""
+        _check_positive(batch_size=batch_size)
+        return _stack_sequences([self.sample() for _ in range(batch_size)])
+
+    def fixed(self, num_sequences: int, seed: int = 1234) -> LabelSequence:
+        """A reproducible evaluation batch: the same ``num_sequences`` sequences
+        for the same ``seed``, whatever was sampled before."""
+        _check_positive(num_sequences=num_sequences)
+        rng = np.random.default_rng(seed)
+        episodes = self.episodes.fixed(num_sequences, seed=seed)
+        return _stack_sequences([self._sequence(e, rng) for e in episodes])
+
+    def tf_dataset(self, batch_size: int, prefetch: int = 2):
+        """An endless ``tf.data.Dataset`` of ``(inputs, y)`` batches for
+        ``fit``: inputs (batch, time, features + label_size) from
+        :meth:`LabelSequence.inputs`, y (batch, time) or (batch, time, 5)."""
+
+        def element():
+            batch = self.sample_batch(batch_size)
+            return batch.inputs(), batch.y.astype(np.int32)
+
+        return endless_dataset(element, prefetch)
+
+
+def _stack_sequences(sequences: list[LabelSequence]) -> LabelSequence:
+    return LabelSequence(
+        **{
+            k: np.stack([getattr(s, k) for s in sequences])
+            for k in LabelSequence.__dataclass_fields__
+        }
+    )

@@ -139,3 +139,42 @@ def verification_accuracy(same, scores, threshold: float) -> float:
     pairs count, same and different: not the precision on predicted-same pairs)."""
     same, scores = _check_pairs(same, scores)
     return float(np.mean((scores >= threshold) == (same == 1)))
+
+
+# -- sequences of labelled examples (memory-augmented networks, chapter 5) ---------
+def accuracy_by_instance(predictions, labels, instances: int | None = None) -> np.ndarray:
+    """Accuracy at the 1st, 2nd, ... presentation of a class in labelled
+    sequences (Santoro et al. 2016, table 1).
+
+    ``labels``: (batch, time) integers, or (batch, time, digits) string labels
+    (a step is right only if every digit is); ``predictions``: predicted labels
+    of the same shape, or logits with one more axis (argmax is taken).
+    Returns an array (instances,): entry ``k`` is the accuracy over all steps
+    that show their class for the (k+1)-th time (NaN where there are none).
+    ``instances`` defaults to the largest number of presentations found.
+    """
+    from bookcode.episodes import instance_numbers
+
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    if labels.ndim == 1:
+        labels, predictions = labels[None], predictions[None]
+    if predictions.ndim == labels.ndim + 1:
+        predictions = predictions.argmax(axis=-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"predictions {predictions.shape} must match labels {labels.shape} "
+            "(or be logits with one more axis)"
+        )
+    correct = predictions == labels
+    if correct.ndim == 3:  # string labels: one integer per step, all digits right
+        correct = correct.all(axis=-1)
+        labels = (labels * (labels.max() + 1) ** np.arange(labels.shape[-1])).sum(-1)
+    instance = instance_numbers(labels)
+    count = int(instance.max()) + 1 if instances is None else instances
+    result = np.full(count, np.nan)
+    for k in range(count):
+        chosen = instance == k
+        if chosen.any():
+            result[k] = correct[chosen].mean()
+    return result
