@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import distribute
 from .combiners import mean_gradients
 from .inner_loop import adapt, connect_gradients, forward
 from .objectives import (
@@ -80,7 +81,10 @@ class GradientMetaLearner(keras.Model):
     ``combiner`` (default: their mean; see :mod:`bookcode.meta.combiners`).
     A subclass that overrides :meth:`batch_objective` is instead
     differentiated through that objective of the whole meta-batch. Every
-    key of the task objective's dict is logged (mean over tasks).
+    key of the task objective's dict is logged (mean over tasks). Under a
+    ``tf.distribute`` strategy (build and compile in ``strategy.scope()``)
+    each replica maps its slice of the tasks, and the update is the one of the
+    whole meta-batch on one device (:mod:`bookcode.distribute`).
 
     ``inner_lr`` can be changed at any time (it is a variable read by the
     compiled functions). Test-time adaptation (``predict_episode``,
@@ -365,11 +369,31 @@ class GradientMetaLearner(keras.Model):
                 (support_x, support_y, query_x, query_y),
                 self._results_signature(weights[0].dtype),
             )
+            # under tf.distribute: the objective of every replica's tasks, computed on
+            # each replica; all_gather's gradient sums the replicas' copies, hence / replicas
+            results = distribute.gather_tasks(results)
             objective = self.batch_objective(results)
-        grads = tape.gradient(
-            objective, weights, unconnected_gradients=tf.UnconnectedGradients.NONE
-        )
+            share = objective / distribute.replica_count()
+        grads = tape.gradient(share, weights, unconnected_gradients=tf.UnconnectedGradients.NONE)
         return results, objective, self._check_meta_gradients(grads, weights, variables)
+
+    def _replicated_combination(self, task_grads, local_tasks):
+        """``(gradient, task_grads)`` such that the optimiser's sum over the
+        replicas of a ``tf.distribute`` strategy gives the combined gradient of
+        the whole meta-batch (on one device: just :meth:`combine_gradients`).
+        The mean takes each replica's share of it; any other combiner sees
+        every replica's tasks (:func:`bookcode.distribute.gather_tasks`)."""
+        replicas = distribute.replica_count()
+        if replicas == 1:
+            return self.combine_gradients(task_grads), task_grads
+        plain_mean = self.combiner is None and (
+            type(self).combine_gradients is GradientMetaLearner.combine_gradients
+        )
+        if plain_mean:
+            share = distribute.replica_share(local_tasks)
+            return distribute.scale(self.combine_gradients(task_grads), share), task_grads
+        task_grads = distribute.gather_tasks(task_grads)
+        return distribute.scale(self.combine_gradients(task_grads), 1.0 / replicas), task_grads
 
     def train_step(self, data):
         (support_x, support_y, query_x), query_y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -379,7 +403,7 @@ class GradientMetaLearner(keras.Model):
             logs["batch_objective"] = objective
         else:
             results, task_grads = self.task_gradients(support_x, support_y, query_x, query_y)
-            grads = self.combine_gradients(task_grads)
+            grads, task_grads = self._replicated_combination(task_grads, tf.shape(support_y)[0])
             # a combiner's batch_logs(task_grads) (e.g. gradient-agreement weights) are
             # returned as they are, one value per meta-batch, for callbacks to read
             if hasattr(self.combiner, "batch_logs"):
