@@ -99,6 +99,27 @@ def test_soft_kmeans_mask_removes_distractors():
     np.testing.assert_allclose(all_masked, prototypes, rtol=1e-6)
 
 
+def test_soft_kmeans_distractor_cluster_hand_computed():
+    """Ren et al. (2018), eq. 5: one more cluster at the origin with radius r."""
+    support = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32)
+    labels = np.array([0, 1])
+    prototypes = class_prototypes(support, labels)
+    unlabeled = np.array([[2.0, 1.0], [0.1, 0.0]], np.float32)
+    r = 0.5
+    refined = soft_kmeans_refinement(prototypes, support, labels, unlabeled, distractor_radius=r)
+    logits = np.stack(
+        [-((unlabeled - p) ** 2).sum(1) for p in support]
+        + [-(unlabeled**2).sum(1) / r**2 - np.log(r)],
+        axis=1,
+    )
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    z = (z / z.sum(1, keepdims=True))[:, :2]  # the origin cluster's share is dropped
+    expected = (support + z.T @ unlabeled) / (1 + z.sum(0))[:, None]
+    np.testing.assert_allclose(refined, expected, rtol=1e-5)
+    # the example near the origin goes to the distractor cluster, barely moving the prototypes
+    assert z[1].sum() < 0.05 and z[0, 0] > 0.9
+
+
 # ------------------------------------------------------- PrototypicalNetwork
 
 
@@ -302,10 +323,16 @@ def test_gaussian_precision_head_is_unconstrained_and_learns():
     learner.compile(optimizer=keras.optimizers.SGD(0.1))
     rng = np.random.default_rng(0)
     support_x, query_x = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
-    episode = tf.data.Dataset.from_tensors((
-        (support_x.astype("float32"), np.array([0, 0, 1, 1], np.int32), query_x.astype("float32")),
-        np.array([0, 1, 0, 1, 0, 1], np.int32),
-    ))
+    episode = tf.data.Dataset.from_tensors(
+        (
+            (
+                support_x.astype("float32"),
+                np.array([0, 0, 1, 1], np.int32),
+                query_x.astype("float32"),
+            ),
+            np.array([0, 1, 0, 1, 0, 1], np.int32),
+        )
+    )
     learner.fit(episode, epochs=1, verbose=0)
     assert np.any(learner.precision_head.kernel.numpy() != 0)
 
@@ -386,6 +413,43 @@ def test_masked_soft_kmeans_masks_far_distractors():
     assert mask.shape == (3, 2) and np.all((mask >= 0) & (mask <= 1))
     assert mask[2].max() < 1e-3  # the distractor far from both prototypes
     assert mask[0, 0] > 0.99 and mask[1, 1] > 0.99  # near examples kept
+
+
+def test_distractor_cluster_radius_is_learned_saved_and_exclusive_with_mask(tmp_path):
+    model = SemiSupervisedPrototypicalNetwork(identity_embedding(2), distractor_cluster=True)
+    support_x = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32)
+    support_y = np.array([0, 1])
+    query_x = np.array([[2.0, 0.5], [0.5, 2.0]], np.float32)
+    unlabeled = np.array([[2.0, 1.0], [0.3, 0.2]], np.float32)
+    with tf.GradientTape() as tape:
+        logits = model.episode_logits(
+            *map(tf.constant, (support_x, support_y, query_x)), unlabeled_x=tf.constant(unlabeled)
+        )
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits([0, 1], logits))
+    grad = tape.gradient(loss, model.distractor_log_radius)
+    assert grad is not None and abs(float(grad)) > 1e-4
+    # a vanishing radius leaves every unlabelled example to the classes: plain soft k-means
+    model.distractor_log_radius.assign(-20.0)
+    soft = SemiSupervisedPrototypicalNetwork(identity_embedding(2))
+    np.testing.assert_allclose(
+        model.predict_episode(support_x, support_y, query_x, unlabeled),
+        soft.predict_episode(support_x, support_y, query_x, unlabeled),
+        rtol=1e-5,
+    )
+    model.distractor_log_radius.assign(0.7)
+    path = tmp_path / "distractor_cluster.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.distractor_cluster and float(loaded.distractor_log_radius) == pytest.approx(0.7)
+    np.testing.assert_allclose(
+        loaded.predict_episode(support_x, support_y, query_x, unlabeled),
+        model.predict_episode(support_x, support_y, query_x, unlabeled),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="not both"):
+        SemiSupervisedPrototypicalNetwork(
+            identity_embedding(2), masked=True, distractor_cluster=True
+        )
 
 
 # ----------------------------------- the fused batch norm used for speed here

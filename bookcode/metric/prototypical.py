@@ -11,8 +11,8 @@
   distance to it is measured with the class precision.
 - :class:`SemiSupervisedPrototypicalNetwork` (Ren et al. 2018, "Meta-Learning
   for Semi-Supervised Few-Shot Classification"): prototypes refined with
-  unlabelled examples by soft k-means, optionally masking out examples that
-  look like distractors.
+  unlabelled examples by soft k-means, optionally with a distractor cluster
+  or a mask for examples that look like distractors.
 
 All are :class:`~bookcode.metric.base.FewShotClassifier` s: trained with
 ``fit()`` on ``EpisodeSampler.tf_dataset()``, evaluated with
@@ -66,7 +66,12 @@ def class_prototypes(embeddings, labels, ways=None, weights=None):
 
 
 def soft_kmeans_refinement(
-    prototypes, support_embeddings, support_labels, unlabeled_embeddings, mask=None
+    prototypes,
+    support_embeddings,
+    support_labels,
+    unlabeled_embeddings,
+    mask=None,
+    distractor_radius=None,
 ):
     """One soft k-means step that refines prototypes with unlabelled examples
     (Ren et al. 2018, eq. 3-4).
@@ -76,13 +81,25 @@ def soft_kmeans_refinement(
     ``m_jc`` in [0, 1]; the refined prototype is
     ``(sum_i h_i [y_i = c] + sum_j h_j z_jc m_jc) / (n_c + sum_j z_jc m_jc)``.
 
+    With ``distractor_radius`` r (a scalar), the softmax also has a
+    *distractor cluster* centred at the origin (Ren et al. 2018, eq. 5): its
+    logit is ``-||h_j||^2 / r^2 - log r`` against ``-||h_j - p_c||^2`` for the
+    classes (radius 1); what it takes is not given to any class.
+
     ``prototypes`` (ways, d), ``support_embeddings`` (n, d),
     ``support_labels`` (n,), ``unlabeled_embeddings`` (u, d), ``mask``
     (u, ways) or None. Returns (ways, d).
     """
     prototypes = tf.convert_to_tensor(prototypes)
     ways = tf.shape(prototypes)[0]
-    assignments = tf.nn.softmax(-squared_euclidean_distance(unlabeled_embeddings, prototypes))
+    logits = -squared_euclidean_distance(unlabeled_embeddings, prototypes)
+    if distractor_radius is None:
+        assignments = tf.nn.softmax(logits)
+    else:
+        radius = tf.cast(distractor_radius, logits.dtype)
+        to_origin = tf.reduce_sum(tf.square(unlabeled_embeddings), axis=-1, keepdims=True)
+        logits = tf.concat([logits, -to_origin / tf.square(radius) - tf.math.log(radius)], axis=1)
+        assignments = tf.nn.softmax(logits)[:, :-1]
     if mask is not None:
         assignments = assignments * mask
     one_hot = tf.one_hot(tf.cast(support_labels, tf.int32), ways, dtype=prototypes.dtype)
@@ -244,19 +261,32 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
     statistics of each class's normalised distances and outputs a threshold
     ``beta_c`` and slope ``gamma_c``; an unlabelled example contributes to
     class ``c`` with weight ``sigmoid(-gamma_c (d_jc - beta_c))``, so
-    distractors far from every prototype are masked out.
-    ``refinement_steps=0`` (or no unlabelled input) gives plain prototypes.
+    distractors far from every prototype are masked out. With
+    ``distractor_cluster=True`` (Ren's "soft k-means + cluster"), the soft
+    assignment has one more cluster at the origin, with a learned radius,
+    that absorbs the distractors. ``refinement_steps=0`` (or no unlabelled
+    input) gives plain prototypes.
     """
 
     extra_inputs = ("unlabeled_x",)
 
     def __init__(self, embedding=None, refinement_steps: int = 1, masked: bool = False,
-                 mask_units: int = 20, **kwargs):  # fmt: skip
+                 mask_units: int = 20, distractor_cluster: bool = False, **kwargs):  # fmt: skip
         super().__init__(embedding, **kwargs)
         if not isinstance(refinement_steps, int) or refinement_steps < 0:
             raise ValueError(f"refinement_steps must be an integer >= 0, got {refinement_steps!r}")
+        if masked and distractor_cluster:
+            raise ValueError(
+                "choose one of Ren et al.'s variants: masked=True or distractor_cluster=True, not both"
+            )
         self.refinement_steps = refinement_steps
         self.masked = bool(masked)
+        self.distractor_cluster = bool(distractor_cluster)
+        if self.distractor_cluster:
+            # the distractor cluster's radius is exp(log_radius), learned; 1 at the start
+            self.distractor_log_radius = self.add_weight(
+                shape=(), initializer="zeros", name="distractor_log_radius", dtype="float32"
+            )
         self.mask_units = mask_units
         if self.masked:
             self.mask_network = keras.Sequential(
@@ -283,7 +313,10 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
             mask = None
             if self.masked:
                 mask = self.mask(squared_euclidean_distance(unlabeled, refined))
-            refined = soft_kmeans_refinement(refined, support, support_y, unlabeled, mask)
+            radius = None
+            if self.distractor_cluster:
+                radius = tf.cast(tf.exp(self.distractor_log_radius), refined.dtype)
+            refined = soft_kmeans_refinement(refined, support, support_y, unlabeled, mask, radius)
         return refined
 
     def predict_episode(self, support_x, support_y, query_x, unlabeled_x=None):
@@ -306,4 +339,5 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
             "refinement_steps": self.refinement_steps,
             "masked": self.masked,
             "mask_units": self.mask_units,
+            "distractor_cluster": self.distractor_cluster,
         }
