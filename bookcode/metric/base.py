@@ -15,7 +15,10 @@ cross-entropy) and ``default_embedding()``. The base does the rest:
   episode in training (Snell et al. 2017), casts embeddings to float32 (so
   scores stay float32 under ``mixed_bfloat16``) and returns the logits;
 - ``train_step``/``test_step`` for ``fit(..., validation_data=...)`` on
-  ``EpisodeSampler.tf_dataset()``, reporting ``loss`` and ``accuracy``;
+  ``EpisodeSampler.tf_dataset()``, reporting ``loss`` and ``accuracy``; on
+  ``tf_dataset(batch_size=...)`` (a leading task axis) one update per
+  meta-batch of episodes, which is how the learners train under a
+  ``tf.distribute`` strategy (:meth:`FewShotClassifier.meta_batch_step`);
 - ``predict_episode(support_x, support_y, query_x, **extras)`` (numpy in,
   numpy out, checked inputs) and ``adapt(support_x, support_y, **extras)``
   returning a function that scores queries, with the same result;
@@ -62,6 +65,17 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+
+from .. import distribute
+
+
+def _has_task_axis(inputs) -> bool:
+    """Whether ``(support_x, support_y, query_x, ...)`` is a meta-batch:
+    support labels with a leading task axis, (tasks, n)."""
+    if not isinstance(inputs, (tuple, list)) or len(inputs) < 3:
+        return False
+    shape = getattr(inputs[1], "shape", None)
+    return len(shape if shape is not None else np.shape(inputs[1])) == 2
 
 
 def check_episode(support_x, support_y, query_x):
@@ -158,7 +172,15 @@ class FewShotClassifier(keras.Model):
         return tf.cast(self.score(state, query), tf.float32)
 
     def call(self, inputs, training=False):
-        """``inputs = (support_x, support_y, query_x[, extras dict])`` -> logits."""
+        """``inputs = (support_x, support_y, query_x[, extras dict])`` -> logits
+        (num_query, ways); with a leading task axis (a meta-batch), logits
+        (tasks, num_query, ways), each episode computed on its own."""
+        if _has_task_axis(inputs):
+            return tf.map_fn(
+                lambda episode: self.call(episode, training=training),
+                tuple(inputs),
+                fn_output_signature=tf.TensorSpec(None, tf.float32),
+            )
         support_x, support_y, query_x, *extras = inputs
         extras = dict(extras[0]) if extras else {}
         self._check_extras(extras)
@@ -201,7 +223,17 @@ class FewShotClassifier(keras.Model):
         return tf.reduce_mean(tf.cast(tf.equal(predicted, tf.cast(query_y, tf.int32)), tf.float32))
 
     def train_step(self, data):
+        """One episode, or a meta-batch of episodes (leading task axis, from
+        ``tf_dataset(batch_size=...)``): see :meth:`meta_batch_step`."""
         inputs, query_y = data
+        if _has_task_axis(inputs):
+            return self.meta_batch_step(inputs, query_y)
+        if distribute.replica_count() > 1:
+            raise ValueError(
+                f"{type(self).__name__} under a tf.distribute strategy trains on meta-batches "
+                "of episodes (a leading task axis), which the replicas share out: use "
+                "sampler.tf_dataset(batch_size=...) instead of single episodes"
+            )
         with tf.GradientTape() as tape:
             logits = self(inputs, training=True)
             loss = self.episode_loss(query_y, logits)
@@ -209,8 +241,67 @@ class FewShotClassifier(keras.Model):
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         return self._update_metrics(loss, self._accuracy(query_y, logits))
 
+    def meta_batch_step(self, inputs, query_y):
+        """One update from the mean loss of a meta-batch's episodes. Each
+        episode is embedded on its own (batch normalisation sees one episode, as
+        in :meth:`train_step`); batch-norm moving averages take the mean of the
+        episodes' updates. Under a ``tf.distribute`` strategy each replica takes
+        a slice of the episodes and the update equals the one-device update
+        (:mod:`bookcode.distribute`)."""
+        variables, states = self.trainable_variables, self.non_trainable_variables
+        signature = (
+            tf.TensorSpec((), tf.float32),
+            tf.TensorSpec((), tf.float32),
+            [tf.TensorSpec(v.shape, v.dtype) for v in states],
+        )
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            weights = [tf.convert_to_tensor(v) for v in variables]
+            tape.watch(weights)
+            current = [tf.convert_to_tensor(v) for v in states]
+
+            def one_episode(episode):
+                episode_inputs, episode_y = episode
+                logits, updated = self.stateless_call(
+                    weights, current, episode_inputs, training=True
+                )
+                loss = tf.cast(self.episode_loss(episode_y, logits), tf.float32)
+                return loss, self._accuracy(episode_y, logits), list(updated)
+
+            losses, accuracies, updated = tf.map_fn(
+                one_episode, (tuple(inputs), query_y), fn_output_signature=signature
+            )
+            loss = tf.reduce_mean(losses)
+        grads = tape.gradient(loss, weights)
+        new_states = [tf.reduce_mean(u, 0) if u.dtype.is_floating else u[-1] for u in updated]
+        if distribute.replica_count() > 1:
+            share = distribute.replica_share(tf.shape(query_y)[0])
+            grads = distribute.scale(grads, share)
+            context = tf.distribute.get_replica_context()
+            new_states = [
+                context.all_reduce("sum", u * tf.cast(share, u.dtype)) if u.dtype.is_floating else u
+                for u in new_states
+            ]
+        self.optimizer.apply(grads, variables)
+        for variable, value in zip(states, new_states):
+            variable.assign(value)
+        return self._update_metrics(loss, tf.reduce_mean(accuracies))
+
     def test_step(self, data):
         inputs, query_y = data
+        if _has_task_axis(inputs):
+
+            def one_episode(episode):
+                episode_inputs, episode_y = episode
+                logits = self.call(episode_inputs, training=False)
+                loss = tf.cast(self.episode_loss(episode_y, logits), tf.float32)
+                return loss, self._accuracy(episode_y, logits)
+
+            losses, accuracies = tf.map_fn(
+                one_episode,
+                (tuple(inputs), query_y),
+                fn_output_signature=(tf.float32, tf.float32),
+            )
+            return self._update_metrics(tf.reduce_mean(losses), tf.reduce_mean(accuracies))
         logits = self(inputs, training=False)
         return self._update_metrics(
             self.episode_loss(query_y, logits), self._accuracy(query_y, logits)
