@@ -84,8 +84,12 @@ def _factories():
         "CAML": None,  # flat inputs: built in the test
         "FineTuning": lambda: meta.FineTuning(_conv(num_classes=WAYS), steps=3),
         "MetaSGD": lambda: meta.MetaSGD(_conv(num_classes=WAYS), rate_seed=0),
-        "TAML": lambda: meta.TAML(_conv(num_classes=WAYS), variant="atkinson", weight=0.5,
-                                  measure_options={"epsilon": 1.0}),  # fmt: skip
+        "TAML": lambda: meta.TAML(
+            _conv(num_classes=WAYS),
+            variant="atkinson",
+            weight=0.5,
+            measure_options={"epsilon": 1.0},
+        ),
         "Reptile": lambda: meta.Reptile(
             _conv(num_classes=WAYS), inner_steps=2, inner_batch=4, transductive=False
         ),
@@ -93,6 +97,12 @@ def _factories():
             _conv(num_classes=WAYS), steps=2, hidden_size=4
         ),
         "_caml_model": caml_model,
+        "ConceptSpaceLearner": lambda: meta.ConceptSpaceLearner(
+            keras.Sequential([keras.Input((4,)), keras.layers.Dense(WAYS)]),
+            _conv(),
+            external_classes=6,
+            inner_steps=2,
+        ),
     }
 
 

@@ -30,7 +30,7 @@ def test_kmeans_finds_separated_blobs():
     assert centres.shape == (4, 2) and labels.shape == (120,)
     assert _same_partition(labels, truth)
     for c in range(4):  # each centre is the mean of its cluster
-        np.testing.assert_allclose(centres[c], points[labels == c].mean(0))
+        np.testing.assert_allclose(centres[c], points[labels == c].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_kmeans_is_seeded():

@@ -28,6 +28,10 @@ saved with ``save()``/``keras.models.load_model``, all with
   tasks' initial losses (:data:`INEQUALITY_MEASURES`: :func:`theil_index`,
   :func:`generalized_entropy`, :func:`atkinson_index`,
   :func:`gini_coefficient`, :func:`variance_of_logarithms`);
+- :class:`ConceptSpaceLearner` (Zhou, Wu & Li 2018, "Deep Meta-Learning:
+  Learning to Learn in the Concept Space"): MAML on the concepts of a
+  generator trained jointly with a concept discriminator on labelled external
+  classes (:func:`concept_dataset`);
 - :class:`FineTuning`, the fine-tuning baseline (Ravi & Larochelle 2017).
 
 The tasks of a meta-batch run inside one compiled ``tf.function`` through
@@ -46,6 +50,7 @@ from .combiners import (
     gradient_agreement,
     mean_gradients,
 )
+from .concept_space import ConceptSpaceLearner, concept_dataset
 from .inner_loop import adapt, connect_gradients, forward, forward_with_statistics
 from .learners import ADML, CAML, MAML, AdaptedModel, GradientMetaLearner, adversarial_queries
 from .meta_sgd import MetaSGD
@@ -75,6 +80,7 @@ __all__ = [
     "Adam",
     "AdaptedModel",
     "AgreementLog",
+    "ConceptSpaceLearner",
     "FineTuning",
     "GradientAgreement",
     "GradientMetaLearner",
@@ -86,6 +92,7 @@ __all__ = [
     "agreement_gram",
     "agreement_weights",
     "atkinson_index",
+    "concept_dataset",
     "connect_gradients",
     "fgsm",
     "forward",
