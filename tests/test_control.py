@@ -279,11 +279,11 @@ def test_expert_goes_straight_to_the_goal_and_stops():
     goals, starts = control.sample_goals(20, seed=0), control.sample_goals(20, seed=1)
     positions, actions = control.demonstrations(goals, starts, horizon=16)
     assert positions.shape == actions.shape == (20, 16, 2)
-    assert np.all(np.linalg.norm(actions, axis=-1) <= 0.1 + 1e-6)
+    assert np.all(np.linalg.norm(actions, axis=-1) <= 1 + 1e-6)  # in units of the top speed
     direction = (goals - starts) / np.linalg.norm(goals - starts, axis=-1, keepdims=True)
     first = actions[:, 0] / np.linalg.norm(actions[:, 0], axis=-1, keepdims=True)
     np.testing.assert_allclose(first, direction, atol=1e-5)
-    final = positions[:, -1] + actions[:, -1]
+    final = positions[:, -1] + 0.1 * actions[:, -1]
     np.testing.assert_allclose(final, goals, atol=1e-5)  # 1.41 / 0.1 < 16 steps
 
 
@@ -291,7 +291,7 @@ def test_imitation_tasks_share_the_goal_between_support_and_query():
     (sx, sy, qx), qy = control.imitation_tasks(5, seed=0, horizon=16)
     assert sx.shape == sy.shape == qx.shape == qy.shape == (5, 16, 2)
     assert not np.allclose(sx[:, 0], qx[:, 0])  # different starts
-    np.testing.assert_allclose(sx[:, -1] + sy[:, -1], qx[:, -1] + qy[:, -1], atol=1e-5)
+    np.testing.assert_allclose(sx[:, -1] + 0.1 * sy[:, -1], qx[:, -1] + 0.1 * qy[:, -1], atol=1e-5)
 
 
 def test_behaviour_cloning_inner_loss_is_the_action_mse_by_hand():
@@ -327,20 +327,24 @@ def test_behaviour_cloning_from_scratch_fits_each_demonstration():
     def mse(w):
         return np.mean((control.batched_forward(model, w, sx).numpy() - sy) ** 2, axis=(1, 2))
 
-    trained = control.behaviour_cloning(model, sx, sy, steps=300, learning_rate=1e-2,
+    trained = control.behaviour_cloning(model, sx, sy, steps=600, learning_rate=1e-2,
                                         initial=start)  # fmt: skip
     assert np.all(mse(trained) < 0.1 * mse(start))
     with pytest.raises(ValueError, match="optimizer"):
         control.behaviour_cloning(model, sx, sy, optimizer="rmsprop")
 
 
-def test_imitation_rollouts_of_the_expert_reach_the_goal():
+def test_imitation_rollouts_equal_the_environment_and_scale_actions():
     goals, starts = control.sample_goals(6, seed=0), control.sample_goals(6, seed=1)
-    paths = control.imitation_rollouts(
-        control.mlp_policy((4,), seed=0), control.random_weights(control.mlp_policy((4,)), 6, 0),
-        goals, starts, horizon=5,
-    )  # fmt: skip
+    model = control.mlp_policy((4,), seed=0)
+    weights = control.random_weights(model, 6, 0)
+    paths = control.imitation_rollouts(model, weights, goals, starts, horizon=5)
     assert paths.shape == (6, 6, 2)
-    np.testing.assert_allclose(paths[:, 0], starts)
+
+    def policy(p):  # outputs are in units of the top speed 0.1
+        return 0.1 * control.batched_forward(model, weights, p[:, None]).numpy()[:, 0]
+
+    positions, _, _ = control.run_policy(policy, goals, starts, horizon=5)
+    np.testing.assert_allclose(paths, positions, atol=1e-6)
     assert control.success_rate(goals, goals, 0.01) == 1.0
     assert control.success_rate(goals + 0.5, goals, 0.1) == 0.0

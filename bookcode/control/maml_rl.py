@@ -236,12 +236,12 @@ class MAMLRL(GradientMetaLearner):
 
     # -- adaptation to new goals ---------------------------------------------------
 
-    def _adapt_graph(self, weights, goals, seed, steps):
+    def _adapt_graph(self, weights, goals, seed, steps, num_trajectories=None):
         fast = self.tile(weights, tf.shape(goals)[0])
         fold = tf.random.experimental.stateless_fold_in
         returns, paths = [], []
         for k in range(steps + 1):
-            trajectories = self.sample(fast, goals, fold(seed, k))
+            trajectories = self.sample(fast, goals, fold(seed, k), num_trajectories)
             returns.append(tf.reduce_mean(episode_returns(trajectories["rewards"]), axis=-1))
             obs = trajectories["observations"]
             actions = tf.clip_by_value(trajectories["actions"][:, :, -1:], -self.max_action,
@@ -255,18 +255,23 @@ class MAMLRL(GradientMetaLearner):
                 fast, _ = self.adapt_task(fast, None, None, 1, True, inner_loss=loss_fn)
         return fast, tf.stack(returns, axis=1), tf.stack(paths)
 
-    def adapt_to_goals(self, goals, steps: int | None = None, seed: int = 0) -> AdaptedPolicies:
+    def adapt_to_goals(self, goals, steps: int | None = None, seed: int = 0,
+                       num_trajectories: int | None = None) -> AdaptedPolicies:  # fmt: skip
         """Adapt to each goal (G, 2) with ``steps`` policy-gradient steps
         (default ``test_inner_steps``) of rate ``inner_lr``, each on
-        ``num_trajectories`` fresh trajectories; an :class:`AdaptedPolicies`
-        with the returns before and after each step. ``seed`` fixes the
-        sampling."""
+        ``num_trajectories`` (default: the learner's) fresh trajectories; an
+        :class:`AdaptedPolicies` with the returns before and after each step.
+        ``seed`` fixes the sampling."""
         steps = _check_steps(self.test_inner_steps if steps is None else steps, "steps")
+        n = self.num_trajectories if num_trajectories is None else num_trajectories
+        if _check_steps(n, "num_trajectories") < 2:
+            raise ValueError("num_trajectories must be at least 2 (the baseline leaves one out)")
         goals = np.asarray(goals, np.float32)
         if goals.ndim != 2 or goals.shape[1] != 2 or not len(goals):
             raise ValueError(f"goals must have shape (G, 2), got {goals.shape}")
-        fn = self._compiled(f"adapt_to_goals_{steps}",
-                            lambda w, g, s: self._adapt_graph(w, g, s, steps))  # fmt: skip
+        fn = self._compiled(
+            f"adapt_to_goals_{steps}_{n}", lambda w, g, s: self._adapt_graph(w, g, s, steps, n)
+        )
         seed = tf.constant([int(seed), self.sampling_seed + 1], tf.int32)
         fast, returns, paths = fn(self._meta_weights(), tf.constant(goals), seed)
         return AdaptedPolicies(self, goals, fast, returns.numpy(), paths.numpy())
