@@ -242,7 +242,8 @@ def trajectories(
     ax=None,
 ):
     """Paths of a 2-D robot, each a line from its start (a dot) with its goal
-    (a cross, same colour), in the task square ``square`` (dashed). ``paths``
+    (a cross, same colour; one black cross for a goal shared by all paths),
+    in the task square ``square`` (dashed). ``paths``
     is (n, T, 2) or one path (T, 2); ``goals`` (n, 2) or (2,); ``labels`` one
     legend entry per path. For the point-navigation tasks of
     :mod:`bookcode.control` (Finn et al. 2017, figure 5)."""
@@ -251,11 +252,13 @@ def trajectories(
         paths = paths[None]
     if paths.ndim != 3 or paths.shape[-1] != 2 or 0 in paths.shape:
         raise ValueError(f"paths must be (n, T, 2) or (T, 2), got shape {paths.shape}")
+    shared_goal = None
     if goals is not None:
         goals = np.asarray(goals, dtype=np.float64).reshape(-1, 2)
         if len(goals) not in (1, len(paths)):
             raise ValueError(f"{len(goals)} goals for {len(paths)} paths: give 1 or {len(paths)}")
-        goals = np.broadcast_to(goals, (len(paths), 2))
+        if len(goals) == 1 and len(paths) > 1:
+            shared_goal, goals = goals[0], None
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
     fig, ax = _figure(ax, (4, 4))
@@ -269,6 +272,8 @@ def trajectories(
             ax.plot(*path[0], "o", color=colour, ms=4)
         if goals is not None:
             ax.plot(*goals[i], "x", color=colour, ms=9, mew=2)
+    if shared_goal is not None:
+        ax.plot(*shared_goal, "x", color="black", ms=10, mew=2.5, label="goal")
     ax.set_aspect("equal")
     ax.grid(True, alpha=0.3)
     if labels is not None:

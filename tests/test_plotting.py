@@ -132,7 +132,8 @@ def test_trajectories_draw_a_path_a_start_and_a_goal_each():
     np.testing.assert_allclose(lines[1].get_xydata(), paths[0])
     np.testing.assert_allclose(lines[3].get_xydata(), [[0.4, 0.4]])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
-    plotting.trajectories(paths[0], [0.4, 0.4], square=None)
+    shared = plotting.trajectories(paths, [0.4, 0.4], square=None).axes[0].get_lines()
+    assert len(shared) == 2 * 2 + 1 and shared[-1].get_color() == "black"  # one goal, drawn once
     with pytest.raises(ValueError, match="3 goals for 2 paths"):
         plotting.trajectories(paths, np.zeros((3, 2)))
     with pytest.raises(ValueError, match="paths must be"):
