@@ -157,6 +157,26 @@ def test_meta_training_reduces_loss_on_held_out_quadratics():
     assert opt._truncation.experimental_get_tracing_count() == 1
 
 
+def test_lstm_optimizer_computes_in_float32_under_mixed_bfloat16():
+    """Under the notebooks' bfloat16 policy the optimiser still meta-trains,
+    and its updates equal the float32 optimiser's (its layers are float32)."""
+    keras.utils.set_random_seed(0)
+    reference = lo.LSTMOptimizer(unroll=5, truncations=1)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        opt = lo.LSTMOptimizer(unroll=5, truncations=1)
+        opt.set_weights(reference.get_weights())
+        g = tf.constant([0.3, -1e-3, 2.0])
+        np.testing.assert_allclose(opt(g).numpy(), reference(g).numpy(), rtol=1e-6)
+        opt.compile(optimizer=keras.optimizers.Adam(1e-2))
+        data = tf.data.Dataset.from_tensor_slices(lo.random_quadratics(8 * 2, seed=1)).batch(8)
+        history = opt.fit(data, epochs=1, verbose=0)
+        assert np.isfinite(history.history["meta_loss"][-1])
+        assert opt.optimize_quadratics(*lo.random_quadratics(4, seed=2), 3).dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_keras_baseline_on_quadratics_matches_plain_sgd():
     w, y, t = lo.random_quadratics(3, dim=4, seed=2)
     losses = lo.optimize_quadratics_with(keras.optimizers.SGD(0.01), w, y, t, 3)

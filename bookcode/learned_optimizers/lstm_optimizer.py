@@ -106,14 +106,20 @@ class LSTMOptimizer(keras.Model):
         log_loss: bool = True,
         **kwargs,
     ):
+        kwargs.setdefault("dtype", "float32")  # see the layers below
         super().__init__(**kwargs)
         if hidden_size < 1 or num_layers < 1 or unroll < 1 or truncations < 1:
             raise ValueError("hidden_size, num_layers, unroll and truncations must be positive")
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = preprocess_p, output_scale
         self.unroll, self.truncations, self.log_loss = unroll, truncations, log_loss
-        self.cells = [layers.LSTMCell(hidden_size, name=f"lstm{i + 1}") for i in range(num_layers)]
-        self.head = layers.Dense(1, name="update")
+        # an optimiser computes in float32 whatever the dtype policy (its updates are
+        # small differences; bfloat16 would round most of them away)
+        self.cells = [
+            layers.LSTMCell(hidden_size, name=f"lstm{i + 1}", dtype="float32")
+            for i in range(num_layers)
+        ]
+        self.head = layers.Dense(1, name="update", dtype="float32")
         self.meta_loss_tracker = keras.metrics.Mean(name="meta_loss")
         self.final_loss_tracker = keras.metrics.Mean(name="final_log10_loss")
         self._slots = None
