@@ -150,3 +150,26 @@ def test_learner_round_trip_gives_equal_predictions(name, tmp_path):
     loaded = keras.models.load_model(path)
     assert type(loaded) is cls
     np.testing.assert_allclose(loaded.predict_episode(*episode), before, rtol=1e-5, atol=1e-5)
+
+
+def _memory_cells():
+    """The recurrent cells of bookcode.memory (layers, not learners), small."""
+    from bookcode import memory
+
+    return {
+        "NTMCell": lambda: memory.NTMCell(6, 3, memory_slots=5, memory_width=4, read_heads=2),
+        "MANNCell": lambda: memory.MANNCell(6, 3, memory_slots=5, memory_width=4, read_heads=2),
+    }
+
+
+@pytest.mark.parametrize("name", ["NTMCell", "MANNCell"])
+def test_memory_cell_round_trip_in_a_keras_model(name, tmp_path):
+    model = keras.Sequential(
+        [keras.Input((4, 5)), keras.layers.RNN(_memory_cells()[name](), return_sequences=True)]
+    )
+    x = np.random.default_rng(0).random((2, 4, 5), dtype=np.float32)
+    before = keras.ops.convert_to_numpy(model(x))
+    model.save(tmp_path / f"{name}.keras")
+    loaded = keras.models.load_model(tmp_path / f"{name}.keras")
+    assert type(loaded.layers[0].cell).__name__ == name
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), before, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,9 @@ class MANNCell(MemoryCell):
     ``memory_slots`` x ``memory_width`` (a key is as wide as a slot);
     ``read_heads`` (the paper: 4); usage decay ``gamma`` (0.95 in the public
     code). The memory starts at ``memory_init`` and the usage at zero.
+    ``read_after_write=True`` (the paper's equations) reads ``M_t``, which
+    already holds this step's keys; ``False`` reads ``M_{t-1}``, so a key never
+    finds itself.
     ``return_weights=True`` appends the read weights, the write weights and
     the usage to every output step (:meth:`split_output`).
     """
@@ -49,6 +52,7 @@ class MANNCell(MemoryCell):
         read_heads: int = 4,
         gamma: float = 0.95,
         key_strength: bool = True,
+        read_after_write: bool = True,
         memory_init: float = 1e-6,
         return_weights: bool = False,
         **kwargs,
@@ -61,6 +65,7 @@ class MANNCell(MemoryCell):
         if read_heads > memory_slots:
             raise ValueError(f"read_heads={read_heads} exceeds memory_slots={memory_slots}")
         self.gamma, self.key_strength = float(gamma), bool(key_strength)
+        self.read_after_write = bool(read_after_write)
         self.memory_init = float(memory_init)
         per_head = memory_width + 1 + int(self.key_strength)  # key, alpha, strength
         self.head_layer = keras.layers.Dense(
@@ -104,15 +109,17 @@ class MANNCell(MemoryCell):
         alpha = params[..., m : m + 1]
         least = addressing.least_used(usage, r)  # (batch, heads, N), from u_{t-1}
         write_weights = addressing.lrua_write_weights(previous_read, least, alpha)
-        memory = memory * (1.0 - ops.expand_dims(ops.sum(least, axis=1), -1))
-        memory = memory + ops.einsum("bhn,bhm->bnm", write_weights, keys)
+        written = memory * (1.0 - ops.expand_dims(ops.sum(least, axis=1), -1))
+        written = written + ops.einsum("bhn,bhm->bnm", write_weights, keys)
+        searched = written if self.read_after_write else memory
         read_weights, new_reads = [], []
         for i in range(r):
             strength = 1.0 + ops.softplus(params[:, i, m + 1 :]) if self.key_strength else 1.0
-            w = ops.softmax(strength * addressing.cosine_similarity(keys[:, i], memory), axis=-1)
+            w = ops.softmax(strength * addressing.cosine_similarity(keys[:, i], searched), axis=-1)
             read_weights.append(w)
-            new_reads.append(addressing.read(memory, w))
+            new_reads.append(addressing.read(searched, w))
         read_weights = ops.stack(read_weights, axis=1)
+        memory = written
         usage = addressing.decay_usage(
             usage, ops.sum(read_weights, axis=1), ops.sum(write_weights, axis=1), self.gamma
         )
@@ -130,5 +137,6 @@ class MANNCell(MemoryCell):
             **super().get_config(),
             "gamma": self.gamma,
             "key_strength": self.key_strength,
+            "read_after_write": self.read_after_write,
             "memory_init": self.memory_init,
         }
