@@ -264,14 +264,16 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
     distractors far from every prototype are masked out. With
     ``distractor_cluster=True`` (Ren's "soft k-means + cluster"), the soft
     assignment has one more cluster at the origin, with a learned radius,
-    that absorbs the distractors. ``refinement_steps=0`` (or no unlabelled
+    that absorbs the distractors; it starts wide (``initial_distractor_radius``,
+    100), so that its gradient does not vanish. ``refinement_steps=0`` (or no unlabelled
     input) gives plain prototypes.
     """
 
     extra_inputs = ("unlabeled_x",)
 
     def __init__(self, embedding=None, refinement_steps: int = 1, masked: bool = False,
-                 mask_units: int = 20, distractor_cluster: bool = False, **kwargs):  # fmt: skip
+                 mask_units: int = 20, distractor_cluster: bool = False,
+                 initial_distractor_radius: float = 100.0, **kwargs):  # fmt: skip
         super().__init__(embedding, **kwargs)
         if not isinstance(refinement_steps, int) or refinement_steps < 0:
             raise ValueError(f"refinement_steps must be an integer >= 0, got {refinement_steps!r}")
@@ -282,10 +284,18 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
         self.refinement_steps = refinement_steps
         self.masked = bool(masked)
         self.distractor_cluster = bool(distractor_cluster)
+        self.initial_distractor_radius = float(initial_distractor_radius)
         if self.distractor_cluster:
-            # the distractor cluster's radius is exp(log_radius), learned; 1 at the start
+            if not initial_distractor_radius > 0:
+                raise ValueError(
+                    f"initial_distractor_radius must be positive, got {initial_distractor_radius!r}"
+                )
+            # the distractor cluster's radius is exp(log_radius), learned
             self.distractor_log_radius = self.add_weight(
-                shape=(), initializer="zeros", name="distractor_log_radius", dtype="float32"
+                shape=(),
+                initializer=keras.initializers.Constant(float(np.log(initial_distractor_radius))),
+                name="distractor_log_radius",
+                dtype="float32",
             )
         self.mask_units = mask_units
         if self.masked:
@@ -340,4 +350,5 @@ class SemiSupervisedPrototypicalNetwork(PrototypicalNetwork):
             "masked": self.masked,
             "mask_units": self.mask_units,
             "distractor_cluster": self.distractor_cluster,
+            "initial_distractor_radius": self.initial_distractor_radius,
         }
