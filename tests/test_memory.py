@@ -240,3 +240,16 @@ def test_sequence_model_round_trip(tmp_path):
     np.testing.assert_allclose(np_(loaded(x)), before, atol=1e-6)
     with pytest.raises(ValueError, match="encoded_features"):
         SequenceModel(cell, encoder=encoder)
+
+
+def test_mann_read_order():
+    """read_after_write=False searches the memory before this step's write: at
+    the first step the memory is still constant, so every slot is equally
+    similar and the read is uniform; reading after the write finds the keys."""
+    x = np.random.default_rng(2).random((1, 1, 3), dtype=np.float32)
+    for after in (False, True):
+        cell = MANNCell(4, 2, memory_slots=6, memory_width=3, read_heads=1,
+                        read_after_write=after, return_weights=True)  # fmt: skip
+        read = cell.split_output(np_(keras.layers.RNN(cell, return_sequences=True)(x)))
+        uniform = np.allclose(read["read_weights"][0, 0, 0], 1 / 6, atol=1e-6)
+        assert uniform == (not after)
