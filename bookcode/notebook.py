@@ -11,6 +11,10 @@ Environment variables (all optional):
 - ``BOOKCODE_DETERMINISTIC``: ``0`` skips op determinism (on by default).
 - ``BOOKCODE_CHECKS``: a file to which :func:`check` appends one JSON line per
   checked quantity (``benchmarks/multirun.py`` reads it).
+- ``BOOKCODE_DISTRIBUTE``: ``1`` trains on every visible GPU when there are
+  several (``tf.distribute.MirroredStrategy``, see :mod:`bookcode.distribute`;
+  learners then need meta-batches, ``tf_dataset(batch_size=...)``). Off by
+  default; :func:`setup` says when several GPUs are visible.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ SEED_VAR = "BOOKCODE_SEED"
 PRECISION_VAR = "BOOKCODE_PRECISION"
 DETERMINISTIC_VAR = "BOOKCODE_DETERMINISTIC"
 CHECKS_VAR = "BOOKCODE_CHECKS"
+DISTRIBUTE_VAR = "BOOKCODE_DISTRIBUTE"
 
 # Lines TensorFlow 2.21 writes to stderr while it is imported on a machine
 # without CUDA, whatever TF_CPP_MIN_LOG_LEVEL says (they come before absl
@@ -131,8 +136,26 @@ def setup(seed: int = 0) -> str:
     print(
         f"bookcode: profile {profile()}, seed {seed}, {device_name()}, precision {precision}"
         + ("" if deterministic else ", op determinism off")
+        + _distribution()
     )
     return profile()
+
+
+def _distribution() -> str:
+    """Install ``MirroredStrategy`` over the visible GPUs when there are several
+    and ``$BOOKCODE_DISTRIBUTE`` is 1; the note for :func:`setup`'s line."""
+    import tensorflow as tf
+
+    from bookcode import distribute
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) < 2:
+        return ""
+    if os.environ.get(DISTRIBUTE_VAR, "0").strip() not in ("1", "true", "yes"):
+        return f"; {DISTRIBUTE_VAR}=1 trains on all {len(gpus)} GPUs"
+    strategy = distribute.strategy()
+    tf.distribute.experimental_set_strategy(strategy)
+    return f", MirroredStrategy over {strategy.num_replicas_in_sync} GPUs"
 
 
 def device_name() -> str:
