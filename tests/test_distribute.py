@@ -301,3 +301,20 @@ def test_no_strategy_without_several_gpus():
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _worker(sys.argv[1:])
+
+
+def test_setup_offers_the_strategy_when_several_gpus_are_visible(monkeypatch):
+    import tensorflow as tf
+
+    from bookcode import notebook
+
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+    fake = [Device("/device:GPU:0"), Device("/device:GPU:1")]
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: fake)
+    monkeypatch.delenv(notebook.DISTRIBUTE_VAR, raising=False)
+    assert notebook._distribution() == "; BOOKCODE_DISTRIBUTE=1 trains on all 2 GPUs"
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: fake[:1])
+    assert notebook._distribution() == ""
