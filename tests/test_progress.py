@@ -2,8 +2,6 @@
 
 import io
 import os
-import subprocess
-import sys
 import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,11 +105,3 @@ def test_jupyter_keeps_one_output_holding_the_summary(tmp_path):
     text = output.data["text/plain"]
     assert text.startswith("10 batches in ") and "loss " in text, text
     assert "left" not in text
-
-
-def test_module_imports_without_ipython():
-    code = "import sys; sys.modules['IPython'] = None; import bookcode.progress as p; print(p._in_jupyter())"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False
-    )
-    assert result.stdout.strip() == "False", result.stderr
