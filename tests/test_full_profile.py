@@ -95,6 +95,13 @@ FULL_ONLY = {
         "adml_iterations": COUNT,
         "adversarial_episodes": COUNT,
     },
+    "06b_meta_learning_for_control": {
+        "hidden": "test_maml_rl_full_configuration",
+        "rl_iterations": COUNT,
+        "test_goal_count": COUNT,
+        "im_iterations": COUNT,
+        "im_test_goal_count": COUNT,
+    },
     "07_meta_sgd_and_reptile": {
         "sine_iterations": COUNT,
         "sine_test_tasks": COUNT,
@@ -107,6 +114,12 @@ FULL_ONLY = {
         "reptile_inner_lr": COUNT,
         "test_episodes": COUNT,
         "val_episodes": COUNT,
+    },
+    "09_recent_advances": {
+        "omni_iterations": COUNT,
+        "sine_iterations": COUNT,
+        "sine_test_tasks": COUNT,
+        "test_episodes": COUNT,
     },
     "08_gradient_agreement": {
         "maml_iterations": COUNT,
@@ -259,3 +272,23 @@ def test_meta_lstm_full_configuration():
     data = tf.data.Dataset.from_tensors(_episodes(1, 5, 1, 2)).repeat()
     history = learner.fit(data, steps_per_epoch=1, verbose=0)
     assert np.isfinite(next(iter(history.history.values()))).all()
+
+
+def test_maml_rl_full_configuration():
+    """Chapter 6b, MAML for control in the full profile: a (100, 100) policy;
+    one meta-step on 2 goals."""
+    import keras
+
+    from bookcode import control
+
+    p = _full("06b_meta_learning_for_control")
+    keras.utils.set_random_seed(0)
+    learner = control.MAMLRL(
+        control.mlp_policy(p["hidden"], seed=0),
+        inner_lr=p["inner_lr"],
+        num_trajectories=2,
+        init_log_std=p["init_log_std"],
+    )
+    learner.compile(keras.optimizers.Adam(p["meta_lr"]))
+    history = learner.fit(control.goal_dataset(2, seed=0), steps_per_epoch=1, verbose=0)
+    assert all(np.isfinite(v).all() for v in history.history.values())
