@@ -168,6 +168,10 @@ def test_lstm_optimizer_computes_in_float32_under_mixed_bfloat16():
         opt.set_weights(reference.get_weights())
         g = tf.constant([0.3, -1e-3, 2.0])
         np.testing.assert_allclose(opt(g).numpy(), reference(g).numpy(), rtol=1e-6)
+        # bfloat16 gradients (a mixed-precision learner's) are encoded in float32
+        encoded = lo.preprocess_gradients(tf.cast(g, tf.bfloat16))
+        assert encoded.dtype == tf.float32
+        np.testing.assert_allclose(encoded, lo.preprocess_gradients(g), rtol=1e-2)
         opt.compile(optimizer=keras.optimizers.Adam(1e-2))
         data = tf.data.Dataset.from_tensor_slices(lo.random_quadratics(8 * 2, seed=1)).batch(8)
         history = opt.fit(data, epochs=1, verbose=0)
@@ -349,6 +353,23 @@ def _learner(ways, filters, blocks=4, input_shape=(28, 28, 1)):
 def _meta_lstm(ways=3, steps=2):
     learner = _learner(ways, filters=4, blocks=2, input_shape=(12, 12, 1))
     return lo.MetaLSTMLearner(learner, steps=steps, hidden_size=6)
+
+
+def test_meta_lstm_trains_under_mixed_bfloat16_with_a_float32_meta_learner():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _meta_lstm(steps=2)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        sx, sy, qx, qy = _episode()
+        sy, qy = sy.astype("int32"), qy.astype("int32")  # as EpisodeSampler gives them
+        data = tf.data.Dataset.from_tensors(((sx, sy, qx), qy)).repeat(2)
+        history = model.fit(data, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
+        theta, forget, rate = model.adapt(sx, sy)
+        assert theta.dtype == forget.dtype == rate.dtype == tf.float32
+        assert model.predict_episode(sx, sy, qx).dtype == np.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_meta_lstm_shapes_and_gates():

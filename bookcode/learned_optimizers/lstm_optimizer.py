@@ -35,11 +35,12 @@ def preprocess_gradients(gradients, p: float = 10.0):
     ``(log|g| / p, sign(g))`` if ``|g| >= exp(-p)``, else ``(-1, exp(p) * g)``.
     The first column carries the magnitude on a log scale, the second the sign
     (or, for tiny gradients, a rescaled value), so gradients spanning many
-    orders of magnitude all reach the LSTM in a usable range.
+    orders of magnitude all reach the LSTM in a usable range. Computed in
+    float32 whatever the gradients' float dtype (bfloat16 under a mixed policy).
     """
     if p <= 0:
         raise ValueError(f"p must be positive, got {p}")
-    g = tf.convert_to_tensor(gradients, dtype=tf.float32)
+    g = tf.cast(tf.convert_to_tensor(gradients), tf.float32)
     big = tf.abs(g) >= math.exp(-p)
     magnitude = tf.where(big, tf.math.log(tf.maximum(tf.abs(g), 1e-38)) / p, -tf.ones_like(g))
     direction = tf.where(big, tf.sign(g), math.exp(p) * g)

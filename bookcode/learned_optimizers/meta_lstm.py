@@ -145,6 +145,9 @@ class MetaLSTMLearner(keras.Model):
         initialisation_optimizer: keras.optimizers.Optimizer | None = None,
         **kwargs,
     ):
+        # the meta-learner (theta, the LSTM, the gates) computes in float32 under any
+        # dtype policy; the learner network keeps its own (bfloat16 under a mixed one)
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.initialisation_optimizer = initialisation_optimizer
         if steps < 1 or hidden_size < 1:
@@ -156,8 +159,10 @@ class MetaLSTMLearner(keras.Model):
         self.preprocess_p, self.initial_learning_rate = preprocess_p, initial_learning_rate
         self.initial_forget = initial_forget
         self.ways = int(learner.output_shape[-1])
-        self.lstm = layers.LSTMCell(hidden_size, name="lstm")
-        self.meta_cell = MetaLSTMCell(initial_learning_rate, initial_forget, name="meta_lstm")
+        self.lstm = layers.LSTMCell(hidden_size, name="lstm", dtype="float32")
+        self.meta_cell = MetaLSTMCell(
+            initial_learning_rate, initial_forget, name="meta_lstm", dtype="float32"
+        )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.lstm(tf.zeros((1, 4)), [tf.zeros((1, hidden_size))] * 2)
@@ -237,7 +242,7 @@ class MetaLSTMLearner(keras.Model):
         tensors = [tf.reshape(t, s) for t, s in zip(tf.split(theta, sizes), shapes)]
         non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
         logits, _ = self.learner.stateless_call(tensors, non_trainable, x, training=True)
-        return logits
+        return tf.cast(logits, tf.float32)
 
     def _support_loss(self, theta, x, y):
         return tf.reduce_mean(
@@ -254,8 +259,8 @@ class MetaLSTMLearner(keras.Model):
 
     def encode(self, x):
         """The learner's inputs: ``x`` through the frozen ``encoder`` if there is one."""
-        x = tf.convert_to_tensor(x, tf.float32)
-        return x if self.encoder is None else self.encoder(x, training=False)
+        x = tf.cast(tf.convert_to_tensor(x), tf.float32)
+        return x if self.encoder is None else tf.cast(self.encoder(x, training=False), tf.float32)
 
     def adapt(self, support_x, support_y):
         """Learn one episode with :func:`bookcode.meta.adapt` and the
@@ -266,7 +271,7 @@ class MetaLSTMLearner(keras.Model):
         inputs to the LSTM, not differentiated through, while theta_0, the
         LSTM and the gates get meta-gradients through the graph loop."""
         support_x = self.encode(support_x)
-        support_y = tf.convert_to_tensor(support_y, tf.int32)
+        support_y = tf.cast(tf.convert_to_tensor(support_y), tf.int32)
         theta = self.initial_parameters()
         zeros = tf.zeros_like(theta)
         # the previous gates f_{t-1}, i_{t-1} ride along with theta as fast tensors
