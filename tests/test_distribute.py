@@ -20,11 +20,8 @@ engines); ``BOOKCODE_TEST_ALL_LEARNERS=1`` runs every factory.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
-import pkgutil
 import subprocess
 import sys
 import time
@@ -55,22 +52,18 @@ KNOWN_WRONG = {
 
 def _learner_classes():
     import keras
+    from test_save_load import (
+        CLASSES,  # every bookcode Layer subclass, found by walking the package
+    )
 
-    import bookcode
     from bookcode.meta import GradientMetaLearner
 
-    found = {}
-    for info in pkgutil.walk_packages(bookcode.__path__, "bookcode."):
-        module = importlib.import_module(info.name)
-        for obj in vars(module).values():
-            if (
-                inspect.isclass(obj)
-                and issubclass(obj, keras.Model)
-                and obj.__module__.startswith("bookcode")
-                and (hasattr(obj, "predict_episode") or issubclass(obj, GradientMetaLearner))
-            ):
-                found[obj.__name__] = obj
-    return found
+    return {
+        c.__name__: c
+        for c in CLASSES.values()
+        if issubclass(c, keras.Model)
+        and (hasattr(c, "predict_episode") or issubclass(c, GradientMetaLearner))
+    }
 
 
 # -- the worker (a separate process with two logical CPUs) ----------------------------
