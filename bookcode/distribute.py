@@ -11,6 +11,8 @@ of the whole meta-batch, the same as on one device:
 - :func:`replica_share` scales a replica's mean over its own tasks by
   ``local tasks / all tasks``, so the sum over replicas is the mean over all
   tasks (also when the tasks do not split evenly);
+- :func:`clip_by_global_norm` clips the whole meta-batch's gradient, not a
+  replica's share of it;
 - :func:`gather_tasks` collects per-task tensors of every replica (for
   combiners that weigh tasks against each other, such as gradient agreement,
   and for objectives of the whole meta-batch, such as TAML's).
@@ -46,6 +48,21 @@ def replica_share(local_tasks):
 def scale(tensors, factor):
     """Every tensor of a list times ``factor`` (cast to its dtype); ``None`` stays."""
     return [None if t is None else t * tf.cast(factor, t.dtype) for t in tensors]
+
+
+def clip_by_global_norm(gradients, clip_norm):
+    """``tf.clip_by_global_norm`` of the meta-batch's gradient, given this
+    replica's share of it (as scaled by :func:`replica_share`). On several
+    replicas the shares are summed first, so the norm is the whole gradient's,
+    and each replica returns ``1 / replicas`` of the clipped sum for the
+    optimiser to add up again."""
+    replicas = replica_count()
+    if replicas == 1:
+        return tf.clip_by_global_norm(gradients, clip_norm)[0]
+    context = tf.distribute.get_replica_context()
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, list(gradients))
+    clipped, _ = tf.clip_by_global_norm(summed, clip_norm)
+    return scale(clipped, 1.0 / replicas)
 
 
 def gather_tasks(values):

@@ -41,13 +41,9 @@ NOT_DISTRIBUTED = {
     "FewShotClassifier": "a base class; its subclasses are tested",
     "GradientMetaLearner": "a base class; its subclasses are tested",
 }
-# learners whose own train_step applies the replicas' summed gradient: each gets
-# replicas x the one-device update until it scales its gradient with
-# bookcode.distribute.replica_share (a strict xfail: fixing one makes it fail here)
-KNOWN_WRONG = {
-    "SiameseNetwork": "SiameseNetwork._step applies the summed gradient of the replicas",
-    "MetaLSTMLearner": "MetaLSTMLearner.train_step applies the summed gradient of the replicas",
-}
+# learners whose own train_step would apply the summed gradient of the replicas
+# (a strict xfail: fixing one makes it fail here)
+KNOWN_WRONG = {}
 
 
 def _learner_classes():
@@ -74,8 +70,8 @@ def _image_net(outputs, batch_norm=True, maps=False):
     from keras import layers
 
     blocks = [keras.Input((SIZE, SIZE, 1)), layers.Conv2D(3, 3, padding="same")]
-    if batch_norm:
-        blocks.append(layers.BatchNormalization())
+    if batch_norm:  # "synchronized": batch statistics over every replica's examples
+        blocks.append(layers.BatchNormalization(synchronized=batch_norm == "synchronized"))
     blocks += [layers.ReLU(), layers.MaxPooling2D(2)]
     if not maps:
         blocks.append(layers.Flatten())
@@ -119,7 +115,11 @@ FACTORIES = {
         lambda b: b.metric.MatchingNetwork(_image_net(0), fce=True, processing_steps=1),
         "tasks",
     ),
-    "SiameseNetwork": (lambda b: b.metric.SiameseNetwork(_image_net(4)), "pairs"),
+    # a batch of pairs is split between the replicas, so batch norm must see all of it
+    "SiameseNetwork": (
+        lambda b: b.metric.SiameseNetwork(_image_net(4, batch_norm="synchronized")),
+        "pairs",
+    ),
     "MetaLSTMLearner": (
         lambda b: b.learned_optimizers.MetaLSTMLearner(
             _image_net(WAYS, batch_norm=False), steps=1, hidden_size=2

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from .. import meta
+from .. import distribute, meta
 from .lstm_optimizer import _refuse_compiled_losses_and_metrics, preprocess_gradients
 
 
@@ -344,7 +344,9 @@ class MetaLSTMLearner(keras.Model):
         with tf.GradientTape() as tape:
             loss, accuracy = self._meta_batch_loss_and_accuracy(data)
         grads = tape.gradient(loss, variables)
-        grads, _ = tf.clip_by_global_norm(grads, 10.0)
+        local_tasks = 1 if data[0][0].shape.rank == 4 else tf.shape(data[0][0])[0]
+        grads = distribute.scale(grads, distribute.replica_share(local_tasks))
+        grads = distribute.clip_by_global_norm(grads, 10.0)
         if self.initialisation_optimizer is None:
             self.optimizer.apply(grads, variables)
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .. import distribute
 from .base import FewShotClassifier
 from .distances import euclidean_distance
 
@@ -238,7 +239,9 @@ class SiameseNetwork(FewShotClassifier):
                 accuracy = self._pair_accuracy(same, scores, valid)
         if training:
             variables = self.trainable_variables
-            self.optimizer.apply(tape.gradient(loss, variables), variables)
+            grads = tape.gradient(loss, variables)
+            share = distribute.replica_share(tf.shape(y)[0])  # 1 on one device
+            self.optimizer.apply(distribute.scale(grads, share), variables)
         return self._update_metrics(loss, accuracy)
 
     def train_step(self, data):
