@@ -222,6 +222,16 @@ def _worker(names):
     except ValueError as error:
         message = str(error)
     print(json.dumps({"case": "single episodes", "error": message}), flush=True)
+    # clipping sees the whole gradient: replica shares (1, 3) and (3, 1) sum to (4, 4),
+    # norm 4 * sqrt(2), clipped to norm 1; each replica returns half of the clipped sum
+    shares = tf.constant([[1.0, 3.0], [3.0, 1.0]])
+
+    def clip():
+        index = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return distribute.clip_by_global_norm([tf.gather(shares, index)], 1.0)[0]
+
+    clipped = two.experimental_local_results(two.run(clip))
+    print(json.dumps({"case": "clip", "values": [c.numpy().tolist() for c in clipped]}), flush=True)
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -297,6 +307,11 @@ def test_single_episodes_under_two_replicas_are_refused(report):
     assert message is not None and "tf_dataset(batch_size=...)" in message
 
 
+def test_clipping_sees_the_whole_meta_batch_gradient(report):
+    half = 0.5 / np.sqrt(2.0)
+    np.testing.assert_allclose(report["clip"]["values"], [[half, half], [half, half]], rtol=1e-6)
+
+
 def test_no_strategy_without_several_gpus():
     import tensorflow as tf
 
@@ -306,6 +321,8 @@ def test_no_strategy_without_several_gpus():
     assert distribute.strategy(["/gpu:0"]) is tf.distribute.get_strategy()
     assert distribute.replica_count() == 1
     assert float(distribute.replica_share(5)) == 1.0
+    clipped = distribute.clip_by_global_norm([tf.constant([3.0, 4.0])], 1.0)
+    np.testing.assert_allclose(clipped[0].numpy(), [0.6, 0.8], rtol=1e-6)
 
 
 if __name__ == "__main__":
