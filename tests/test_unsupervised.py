@@ -173,3 +173,112 @@ def test_autoencoder_shapes_and_embed():
     np.testing.assert_allclose(codes, np.asarray(encoder(x)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="divisible by 4"):
         uns.conv_autoencoder(input_shape=(30, 30, 1))
+
+
+# ------------------------------------------------------ contrastive embedding
+
+
+def test_nt_xent_by_hand():
+    # two images, two views each: z1 = [a, b], z2 = [a', b'] (unit vectors in 2-D)
+    z1 = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)  # normalised inside: (1, 0), (0, 1)
+    z2 = np.array([[0.6, 0.8], [-1.0, 0.0]], np.float32)
+    t = 0.5
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    s = z @ z.T / t
+    positive = [2, 3, 0, 1]
+    losses = []
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        losses.append(-s[i, positive[i]] + np.log(np.sum(np.exp(s[i, others]))))
+    got = float(uns.nt_xent(z1, z2, temperature=t))
+    assert got == pytest.approx(np.mean(losses), rel=1e-5)
+    # views that agree and differ from the others give a smaller loss
+    aligned = float(uns.nt_xent(z1, z1, temperature=t))
+    assert aligned < got
+    with pytest.raises(ValueError, match="temperature"):
+        uns.nt_xent(z1, z2, temperature=0.0)
+
+
+def _strokes(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 28, 28, 1), np.float32)
+    for i in range(n):
+        r = rng.integers(6, 20)
+        x[i, r : r + 2, 5:23] = 1.0  # a horizontal bar at a random height
+        x[i, 5:23, r : r + 2] = rng.random()
+    return x
+
+
+def test_augment_keeps_shape_and_range_and_is_seeded():
+    x = _strokes()
+    a = np.asarray(uns.augment(x, seed=3))
+    assert a.shape == x.shape and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    np.testing.assert_array_equal(a, np.asarray(uns.augment(x, seed=3)))
+    assert not np.allclose(a, np.asarray(uns.augment(x, seed=4)))
+    assert not np.allclose(a, x)
+    # a zero-strength augmentation is the identity
+    same = uns.augment(x, seed=3, max_rotation=0, max_scale=0, max_shift=0, max_shear=0)
+    np.testing.assert_allclose(np.asarray(same), x, atol=1e-6)
+    # the images stay recognisable: most ink survives a mild transform
+    assert a.sum() > 0.6 * x.sum()
+    with pytest.raises(ValueError, match="batch, height, width"):
+        uns.augment(x[0], seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        uns.augment(x, seed=0, max_shift=-1)
+
+
+def test_augment_pure_shift_moves_pixels():
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    x[0, 10, 10] = 1.0
+    for seed in range(5):
+        y = np.asarray(uns.augment(x, seed=seed, max_rotation=0, max_scale=0, max_shear=0))
+        assert y.sum() == pytest.approx(1.0, abs=1e-4)  # bilinear: the ink is only moved
+        rows, cols = np.nonzero(y[0, :, :, 0] > 1e-6)
+        assert np.all(np.abs(rows - 10) <= 4) and np.all(np.abs(cols - 10) <= 4)
+
+
+def test_contrastive_training_lowers_the_loss_and_saves(tmp_path):
+    import keras
+
+    from bookcode import nets
+
+    keras.utils.set_random_seed(0)
+    x = _strokes(64, seed=1)
+    encoder = nets.conv4(filters=8, fused_batch_norm=True, batch_norm_momentum=0.9)
+    learner = uns.train_contrastive(encoder, x, steps=40, batch_size=16, learning_rate=3e-3, seed=0)
+    losses = learner.step_losses
+    assert losses.shape == (40,) and np.all(np.isfinite(losses))
+    assert losses[-10:].mean() < losses[:5].mean() - 0.1
+    # the learner is the encoder: call gives the embedding the k-means uses
+    np.testing.assert_allclose(
+        np.asarray(learner(x[:4])), np.asarray(encoder(x[:4], training=False)), rtol=1e-5, atol=1e-5
+    )
+    path = tmp_path / "contrastive.keras"
+    learner.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(loaded(x[:4])), np.asarray(learner(x[:4])), atol=1e-5)
+    assert loaded.temperature == learner.temperature
+    # same seed, same training
+    keras.utils.set_random_seed(0)
+    again = uns.train_contrastive(
+        nets.conv4(filters=8, fused_batch_norm=True, batch_norm_momentum=0.9),
+        x, steps=40, batch_size=16, learning_rate=3e-3, seed=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(again.step_losses, losses, rtol=1e-5)
+
+
+def test_contrastive_bad_input():
+    from bookcode import nets
+
+    encoder = nets.conv4(filters=4)
+    with pytest.raises(ValueError, match="steps"):
+        uns.train_contrastive(encoder, _strokes(), steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        uns.train_contrastive(encoder, _strokes(), steps=1, batch_size=10)
+    with pytest.raises(ValueError, match="shape"):
+        uns.train_contrastive(encoder, np.zeros((5, 28, 28)), steps=1)
+    with pytest.raises(ValueError, match="temperature"):
+        uns.ContrastiveLearner(encoder, temperature=0)
+    with pytest.raises(ValueError, match="Keras model"):
+        uns.ContrastiveLearner("conv4")
