@@ -90,15 +90,21 @@ def _kmeans_plus_plus(points, k, rng):
     point drawn with probability proportional to its squared distance to the
     nearest centre chosen so far."""
     n = len(points)
+    squared_norms = np.einsum("ij,ij->i", points, points)
+
+    def squared_distances_to(centre):
+        # einsum, not BLAS: a multithreaded matrix-vector product is slow on a busy CPU
+        return squared_norms - 2.0 * np.einsum("ij,j->i", points, centre) + centre @ centre
+
     centres = np.empty((k, points.shape[1]), points.dtype)
     centres[0] = points[rng.integers(n)]
-    nearest = _squared_distances(points, centres[:1])[:, 0]
+    nearest = squared_distances_to(centres[0])
     for j in range(1, k):
         weights = np.maximum(nearest, 0)
         total = weights.sum()
         i = rng.integers(n) if total <= 0 else rng.choice(n, p=weights / total)
         centres[j] = points[i]
-        nearest = np.minimum(nearest, _squared_distances(points, centres[j : j + 1])[:, 0])
+        nearest = np.minimum(nearest, squared_distances_to(centres[j]))
     return centres
 
 
