@@ -188,7 +188,9 @@ def spoken():
     train = words.where((digit <= 2) & (speaker <= 1))
     held_out = words.where((digit >= 3) & (digit <= 5) & (speaker >= 2) & (speaker <= 3))
     episodes = EpisodeSampler(held_out, ways=3, shots=1, queries=5).fixed(200)
-    print("audio: train digits 0-2 of speakers 0-1, validate 3-way 1-shot on digits 3-5 of speakers 2-3")
+    print(
+        "audio: train digits 0-2 of speakers 0-1, validate 3-way 1-shot on digits 3-5 of speakers 2-3"
+    )
     print(f"raw features, time warping: {evaluate(audio.AlignmentNearestNeighbour(), episodes)}")
     print("| steps | 3-way 1-shot, time warping over the learned frames | CPU s |")
     print("|---|---|---|")
@@ -241,9 +243,7 @@ def omniglot():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--only", nargs="*", default=["faces", "faces_pair", "audio", "omniglot"]
-    )
+    parser.add_argument("--only", nargs="*", default=["faces", "faces_pair", "audio", "omniglot"])
     args = parser.parse_args()
     started = time.time()
     for name in args.only:

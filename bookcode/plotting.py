@@ -1,6 +1,6 @@
-"""The figures the chapters draw: an episode, learning curves, adaptation
-curves, embeddings in 2-D, heat maps (attention, memory weights, Gram
-matrices) and robot trajectories.
+"""The figures the chapters draw: an episode, pairs of images, learning
+curves, adaptation curves, embeddings in 2-D, heat maps (attention, memory
+weights, Gram matrices), ROC curves, histograms and robot trajectories.
 
 Every function takes an optional matplotlib ``ax`` to draw into (else it makes
 a new figure) and returns the Figure. Arrays may be NumPy arrays or tensors.
@@ -226,6 +226,96 @@ def heatmap(
     ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
     if colorbar:
         fig.colorbar(image, ax=ax)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def show_pairs(left, right, same=None, *, title: str | None = None, cmap: str = "gray", ax=None):
+    """Pairs of images as one grid: a column per pair, ``left`` on the top
+    row, ``right`` below; ``same`` (1 same class, 0 different) labels the
+    columns "same" / "different"."""
+    left, right = _images(left, "left"), _images(right, "right")
+    if left.shape != right.shape:
+        raise ValueError(f"left {left.shape} and right {right.shape} must have the same shape")
+    n, h, w = left.shape[:3]
+    pad = max(1, h // 10)
+    grid = np.full((2 * h + pad, n * (w + pad) - pad, *left.shape[3:]), np.nan)
+    for i in range(n):
+        grid[:h, i * (w + pad) : i * (w + pad) + w] = left[i]
+        grid[h + pad :, i * (w + pad) : i * (w + pad) + w] = right[i]
+    fig, ax = _figure(ax, (0.9 + 1.0 * n, 2.6))
+    ax.imshow(grid, cmap=cmap, interpolation="nearest")
+    ax.grid(False)
+    ax.set_yticks([])
+    if same is not None:
+        same = np.asarray(same).reshape(-1)
+        if len(same) != n:
+            raise ValueError(f"same has {len(same)} labels for {n} pairs")
+        ax.set_xticks(
+            [i * (w + pad) + w / 2 for i in range(n)],
+            ["same" if s else "different" for s in same],
+            fontsize=8,
+        )
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def roc_curves(curves, *, title: str | None = None, ax=None):
+    """ROC curves from a dict ``name -> (false positive rates, true positive
+    rates)``, with the diagonal of a guess; the legend sits lower right."""
+    if not isinstance(curves, dict) or not curves:
+        raise TypeError("roc_curves takes a non-empty dict name -> (fpr, tpr)")
+    fig, ax = _figure(ax, (4.5, 3.6))
+    for i, (name, curve) in enumerate(curves.items()):
+        try:
+            fpr, tpr = curve
+        except (TypeError, ValueError):
+            raise ValueError(f"curve {name!r} must be a pair (fpr, tpr)") from None
+        fpr, tpr = _vector(fpr, f"{name} fpr"), _vector(tpr, f"{name} tpr")
+        if len(fpr) != len(tpr):
+            raise ValueError(f"curve {name!r}: {len(fpr)} false and {len(tpr)} true positive rates")
+        ax.plot(fpr, tpr, "-" if i == 0 else "--", label=name)
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="guessing")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def histograms(
+    groups,
+    *,
+    bins=30,
+    xlabel: str | None = None,
+    ylabel: str = "count",
+    marks=None,
+    title: str | None = None,
+    ax=None,
+):
+    """Overlaid histograms from a dict ``name -> values`` on shared ``bins``,
+    and optional vertical lines ``marks`` (a dict ``name -> x``)."""
+    if not isinstance(groups, dict) or not groups:
+        raise TypeError("histograms takes a non-empty dict name -> values")
+    groups = {name: _vector(values, name) for name, values in groups.items()}
+    if np.isscalar(bins):
+        everything = np.concatenate(list(groups.values()))
+        bins = np.linspace(everything.min(), everything.max(), int(bins) + 1)
+    fig, ax = _figure(ax, (4.5, 3.2))
+    for name, values in groups.items():
+        ax.hist(values, bins, alpha=0.6, label=name)
+    for name, x in (marks or {}).items():
+        ax.axvline(float(x), color="k", ls="--", label=name)
+    ax.set(xlabel=xlabel or "", ylabel=ylabel)
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return fig

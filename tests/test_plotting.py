@@ -138,3 +138,51 @@ def test_trajectories_draw_a_path_a_start_and_a_goal_each():
         plotting.trajectories(paths, np.zeros((3, 2)))
     with pytest.raises(ValueError, match="paths must be"):
         plotting.trajectories(np.zeros((2, 5, 3)))
+
+
+def test_show_pairs_puts_left_above_right_and_labels_columns():
+    rng = np.random.default_rng(0)
+    left, right = rng.uniform(size=(3, 10, 8, 1)), rng.uniform(size=(3, 10, 8, 1))
+    fig = plotting.show_pairs(left, right, [1, 0, 1], title="pairs")
+    (ax,) = fig.axes
+    grid = ax.get_images()[0].get_array()
+    assert grid.shape == (2 * 10 + 1, 3 * 9 - 1)
+    np.testing.assert_allclose(grid[:10, 9:17], left[1, ..., 0])  # pair 1, top row
+    np.testing.assert_allclose(grid[11:, 18:26], right[2, ..., 0])  # pair 2, bottom row
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["same", "different", "same"]
+    assert ax.get_title() == "pairs"
+    with pytest.raises(ValueError, match="same shape"):
+        plotting.show_pairs(left, right[:2])
+    with pytest.raises(ValueError, match="2 labels for 3 pairs"):
+        plotting.show_pairs(left, right, [1, 0])
+
+
+def test_roc_curves_draw_each_curve_and_the_diagonal():
+    fig = plotting.roc_curves({"model": ([0, 0.1, 1], [0, 0.8, 1]), "pixels": ([0, 1], [0, 1])})
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["model", "pixels", "guessing"]
+    np.testing.assert_allclose(lines[0].get_ydata(), [0, 0.8, 1])
+    assert ax.get_xlabel() == "false positive rate" and ax.get_ylabel() == "true positive rate"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model", "pixels", "guessing"]
+    with pytest.raises(ValueError, match="2 false and 3 true"):
+        plotting.roc_curves({"bad": ([0, 1], [0, 0.5, 1])})
+    with pytest.raises(TypeError):
+        plotting.roc_curves({})
+
+
+def test_histograms_share_bins_and_mark_a_threshold():
+    fig = plotting.histograms(
+        {"same": [0.1, 0.2, 0.2], "different": [0.9, 1.0]},
+        bins=[0, 0.5, 1.01],
+        xlabel="distance",
+        marks={"threshold": 0.5},
+    )
+    (ax,) = fig.axes
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [3, 0, 0, 2]  # two histograms of two bins each
+    (line,) = ax.get_lines()
+    assert line.get_xdata()[0] == 0.5 and line.get_label() == "threshold"
+    assert ax.get_xlabel() == "distance" and ax.get_ylabel() == "count"
+    fig = plotting.histograms({"a": [0.0, 1.0]}, bins=4)
+    assert len(fig.axes[0].patches) == 4
