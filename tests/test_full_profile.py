@@ -95,6 +95,28 @@ FULL_ONLY = {
         "adml_iterations": COUNT,
         "adversarial_episodes": COUNT,
     },
+    "05_memory_augmented_networks": {
+        "train_lengths": "test_memory_full_configuration",
+        "controller_units": "test_memory_full_configuration",
+        "memory_width": "test_memory_full_configuration",
+        "train_slots": "test_memory_full_configuration",
+        "copy_lr": COUNT,
+        "copy_steps": COUNT,
+        "copy_eval_every": COUNT,
+        "copy_patience": COUNT,
+        "copy_test_sequences": COUNT,
+        "encoder_episodes": COUNT,
+        "mann_train_classes": COUNT,
+        "mann_test_classes": COUNT,
+        "mann_units": "test_memory_full_configuration",
+        "mann_heads": "test_memory_full_configuration",
+        "mann_slots": "test_memory_full_configuration",
+        "mann_width": "test_memory_full_configuration",
+        "mann_lr": COUNT,
+        "mann_steps": COUNT,
+        "mann_eval_every": COUNT,
+        "mann_test_sequences": COUNT,
+    },
     "06b_meta_learning_for_control": {
         "hidden": "test_maml_rl_full_configuration",
         "rl_iterations": COUNT,
@@ -292,3 +314,44 @@ def test_maml_rl_full_configuration():
     learner.compile(keras.optimizers.Adam(p["meta_lr"]))
     history = learner.fit(control.goal_dataset(2, seed=0), steps_per_epoch=1, verbose=0)
     assert all(np.isfinite(v).all() for v in history.history.values())
+
+
+def test_memory_full_configuration():
+    """Chapter 5 in the full profile: the NTM (100 units, memory 128 x 20) on
+    copy sequences of length up to 20, the MANN (200 units, 4 heads, memory
+    128 x 40) on 5-class sequences; one training step of each on a batch of 2
+    (without XLA, to keep this test fast)."""
+    import keras
+
+    from bookcode.memory import MANNCell, NTMCell, SequenceModel, copy_batch
+
+    p = _full("05_memory_augmented_networks")
+    keras.utils.set_random_seed(0)
+    bits = p["bits"]
+    ntm = SequenceModel(
+        NTMCell(p["controller_units"], bits, p["train_slots"], p["memory_width"]), xla=False
+    )
+    ntm.compile(
+        keras.optimizers.Adam(p["copy_lr"]), keras.losses.BinaryCrossentropy(from_logits=True)
+    )
+    x, y, mask, _ = copy_batch(2, *p["train_lengths"], bits=bits, seed=0)
+    assert x.shape[1] == 2 * p["train_lengths"][1] + 1
+    history = ntm.fit(x, y, sample_weight=mask, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    ways, features = p["ways"], p["encoder_filters"]
+    mann = SequenceModel(
+        MANNCell(
+            p["mann_units"], ways, p["mann_slots"], p["mann_width"], read_heads=p["mann_heads"]
+        ),
+        xla=False,
+    )
+    mann.compile(
+        keras.optimizers.Adam(p["mann_lr"]),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    steps = ways * p["instances"]
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(2, steps, features + ways)).astype(np.float32)
+    labels = rng.integers(0, ways, size=(2, steps))
+    history = mann.fit(inputs, labels, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
