@@ -91,19 +91,25 @@ def faces():
     print("|---|---|---|---|")
     for dropout in (0.0, 0.3):
         start = cpu_seconds()
-        keras.utils.set_random_seed(2)
-        model = SiameseNetwork(face_embedding(dropout), head="contrastive", margin=MARGIN)
-        schedule = keras.optimizers.schedules.CosineDecay(1e-3, FACE_STEPS, alpha=0.05)
-        model.compile(optimizer=keras.optimizers.Adam(schedule))
-        model.fit(
-            PairSampler(train, seed=0).tf_dataset(32),
-            steps_per_epoch=50,
-            epochs=FACE_STEPS // 50,
-            verbose=0,
-        )
+        model = contrastive_faces(train, dropout)
         result = evaluate(model, episodes)
         auc = roc_auc(same, model.predict((left, right), verbose=0))
         print(f"| {dropout} | {result} | {auc:.3f} | {cpu_seconds() - start:.0f} |", flush=True)
+
+
+def contrastive_faces(train, dropout):
+    """The chapter's contrastive face network trained on ``train``'s pairs."""
+    keras.utils.set_random_seed(2)
+    model = SiameseNetwork(face_embedding(dropout), head="contrastive", margin=MARGIN)
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, FACE_STEPS, alpha=0.05)
+    model.compile(optimizer=keras.optimizers.Adam(schedule))
+    model.fit(
+        PairSampler(train, seed=0).tf_dataset(32),
+        steps_per_epoch=50,
+        epochs=FACE_STEPS // 50,
+        verbose=0,
+    )
+    return model
 
 
 def faces_pair():
@@ -116,16 +122,7 @@ def faces_pair():
     train, held_out = people.classes(range(24)), people.classes(range(24, 30))
     episodes = EpisodeSampler(held_out, ways=6, shots=1, queries=5).fixed(200)
     start = cpu_seconds()
-    keras.utils.set_random_seed(2)
-    pairs = SiameseNetwork(face_embedding(0.0), head="contrastive", margin=MARGIN)
-    schedule = keras.optimizers.schedules.CosineDecay(1e-3, FACE_STEPS, alpha=0.05)
-    pairs.compile(optimizer=keras.optimizers.Adam(schedule))
-    pairs.fit(
-        PairSampler(train, seed=0).tf_dataset(32),
-        steps_per_epoch=50,
-        epochs=FACE_STEPS // 50,
-        verbose=0,
-    )
+    pairs = contrastive_faces(train, 0.0)
     keras.utils.set_random_seed(2)
     embedding = face_embedding(0.0)
     classifier = keras.Sequential([embedding, CosineClassifier(train.num_classes, scale=16.0)])

@@ -77,12 +77,17 @@ def show_episode(
     ax.set_yticks([c * (h + pad) + h / 2 for c in range(ways)], [str(n) for n in names])
     centres = [shots * (w + pad) / 2, shots * (w + pad) + 2 * pad + queries * (w + pad) / 2]
     ax.set_xticks(centres[: 1 + (queries > 0)], ["support", "queries"][: 1 + (queries > 0)])
+    _frameless(ax, title)
+    return fig
+
+
+def _frameless(ax, title):
+    """An image grid's axes: no tick marks, no frame, the title if any."""
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
     if title:
         ax.set_title(title)
-    return fig
 
 
 def learning_curves(
@@ -259,11 +264,7 @@ def show_pairs(left, right, same=None, *, title: str | None = None, cmap: str = 
         )
     else:
         ax.set_xticks([])
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if title:
-        ax.set_title(title)
+    _frameless(ax, title)
     return fig
 
 
