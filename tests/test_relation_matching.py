@@ -266,3 +266,27 @@ def test_matching_network_learns_scale_and_bad_inputs(tmp_path):
     assert all(v is not fixed.log_scale for v in fixed.trainable_variables)
     with pytest.raises(ValueError, match="scale must be positive"):
         MatchingNetwork(nets.conv4(filters=4), scale=0.0)
+
+
+def test_matching_network_with_fce_under_mixed_bfloat16():
+    """The context LSTMs compute in float32 while the embedding runs in bfloat16."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        embedding = nets.conv4(filters=4, fused_batch_norm=True)
+        model = MatchingNetwork(embedding, fce=True, processing_steps=2)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        support_x, support_y, query_x = _episode()
+        query_y = np.repeat(np.arange(3), 2).astype(np.int32)
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        model.fit(
+            tf.data.Dataset.from_tensors(((support_x, support_y, query_x), query_y)),
+            epochs=1,
+            verbose=0,
+        )
+        logits = model.predict_episode(support_x, support_y, query_x)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert logits.dtype == np.float32 and logits.shape == (6, 3) and np.isfinite(logits).all()
+    changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+    assert all(changed), "every weight, the context LSTMs' included, takes a step"

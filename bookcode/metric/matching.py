@@ -61,6 +61,7 @@ class SupportContext(keras.layers.Layer):
         self.lstm.build((None, None, self.units))
 
     def call(self, support):
+        support = tf.cast(support, "float32")  # the LSTM computes in float32 under any policy
         return support + self.lstm(support[None])[0]
 
     def get_config(self):
@@ -97,6 +98,7 @@ class AttentionLSTM(keras.layers.Layer):
         return tf.nn.softmax(tf.matmul(h, support, transpose_b=True)) @ support
 
     def call(self, query, support):
+        query, support = tf.cast(query, "float32"), tf.cast(support, "float32")  # as the cell
         h = tf.zeros_like(query)
         c = tf.zeros_like(query)
         for _ in range(self.steps):
@@ -143,6 +145,7 @@ class MatchingNetwork(FewShotClassifier):
         self.log_scale = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(np.log(scale)),
             trainable=self.learn_scale, name="log_scale", dtype="float32",
+            autocast=False,  # the attention is float32 under any policy
         )  # fmt: skip
         if self.fce:
             shape = getattr(self.embedding, "output_shape", None)
@@ -173,13 +176,14 @@ class MatchingNetwork(FewShotClassifier):
             order = self.content_order(support)
             context = self.support_context(tf.gather(support, order))
             support = tf.gather(context, tf.argsort(order))  # back in the input's order
-        return support, support_y
+        return tf.cast(support, "float32"), support_y  # attention in float32 under any policy
 
     def embed_query(self, state, query):
         """The query embedding ``f``: ``f'(x)``, or the attention LSTM's with FCE."""
         support, _ = state
         query = _flat(query)
-        return self.attention_lstm(query, support) if self.fce else query
+        query = self.attention_lstm(query, support) if self.fce else query
+        return tf.cast(query, "float32")
 
     def attention(self, state, query):
         """Attention weights (q, n) of the queries over the support examples."""
