@@ -138,6 +138,10 @@ FULL_ONLY = {
         "val_episodes": COUNT,
     },
     "09_recent_advances": {
+        "cactus_steps": COUNT,
+        "contrastive_steps": COUNT,
+        "oracle_steps": COUNT,
+        "partitions": COUNT,  # more k-means partitions of the same embedding
         "omni_iterations": COUNT,
         "sine_iterations": COUNT,
         "sine_test_tasks": COUNT,
