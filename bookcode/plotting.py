@@ -1,6 +1,7 @@
-"""The figures the chapters draw: an episode, pairs of images, learning
-curves, adaptation curves, embeddings in 2-D, heat maps (attention, memory
-weights, Gram matrices), ROC curves, histograms and robot trajectories.
+"""The figures the chapters draw: an episode, pairs or rows of images,
+learning curves, any set of curves, adaptation curves, embeddings in 2-D,
+heat maps (attention, memory weights, Gram matrices, spectrograms), ROC
+curves, histograms and robot trajectories.
 
 Every function takes an optional matplotlib ``ax`` to draw into (else it makes
 a new figure) and returns the Figure. Arrays may be NumPy arrays or tensors.
@@ -136,6 +137,107 @@ def learning_curves(
     return fig
 
 
+def curves(
+    series,
+    *,
+    xlabel: str = "step",
+    ylabel: str | None = None,
+    logy=False,
+    hlines=None,
+    vlines=None,
+    styles=None,
+    band=(10, 90),
+    title: str | None = None,
+    ax=None,
+):
+    """Curves of any lengths from a dict ``name -> values`` (drawn at x = 0,
+    1, 2 ...) or ``name -> (x, values)``.
+
+    A 2-D ``values`` (runs, points) is drawn as its mean with the ``band``
+    percentiles shaded. ``hlines`` and ``vlines`` are dotted reference lines,
+    dicts ``name -> position``; ``styles`` maps a name to extra
+    ``Axes.plot`` keywords (``fmt`` for a format string such as ``"k^"``).
+    Integer x values get integer ticks.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    if not isinstance(series, dict) or not series:
+        raise TypeError("curves takes a non-empty dict name -> values or (x, values)")
+    unknown = set(styles or {}) - set(series)
+    if unknown:
+        raise ValueError(f"styles for curves that are not drawn: {sorted(unknown)}")
+    fig, ax = _figure(ax, (5, 3.2))
+    integer_x = True
+    for name, curve in series.items():
+        x, values = curve if isinstance(curve, tuple) else (None, curve)
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim not in (1, 2) or values.shape[-1] == 0:
+            raise ValueError(
+                f"curve {name!r} must be (points,) or (runs, points), got {values.shape}"
+            )
+        x = np.arange(values.shape[-1]) if x is None else _vector(x, f"{name} x")
+        if len(x) != values.shape[-1]:
+            raise ValueError(f"curve {name!r}: {len(x)} x values for {values.shape[-1]} points")
+        integer_x &= bool(np.all(x == np.round(x)))
+        style = dict((styles or {}).get(name, {}))
+        fmt = style.pop("fmt", "-")
+        mean = values if values.ndim == 1 else values.mean(axis=0)
+        (line,) = ax.plot(x, mean, fmt, label=name, **style)
+        if values.ndim == 2:
+            low, high = np.percentile(values, band, axis=0)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    for name, y in (hlines or {}).items():
+        ax.axhline(float(y), color="gray", ls=":", lw=1, label=name)
+    for name, x in (vlines or {}).items():
+        ax.axvline(float(x), color="gray", ls="--", lw=1, label=name)
+    ax.set(xlabel=xlabel or "", ylabel=ylabel or "", yscale="log" if logy else "linear")
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if len(series) + len(hlines or {}) + len(vlines or {}) > 1:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def image_rows(rows, captions=None, *, title: str | None = None, cmap: str = "gray_r", ax=None):
+    """Rows of images as one grid: a dict ``row name -> images`` (n, H, W[, C]),
+    the names on the left; ``captions`` (a dict ``row name -> strings``) are
+    written above the images."""
+    if not isinstance(rows, dict) or not rows:
+        raise TypeError("image_rows takes a non-empty dict row name -> images")
+    rows = {name: _images(images, name) for name, images in rows.items()}
+    shapes = {images.shape[1:] for images in rows.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"every row must hold images of one shape, got {sorted(shapes)}")
+    for name, texts in (captions or {}).items():
+        if name not in rows or len(texts) != len(rows[name]):
+            raise ValueError(f"captions {name!r} must name a row and give one string per image")
+    (shape,) = shapes
+    h, w = shape[:2]
+    pad = max(1, h // 10)
+    top = 3 * pad if captions else 0  # room for the captions
+    columns = max(len(images) for images in rows.values())
+    grid = np.full(
+        (len(rows) * (h + pad + top) - pad, columns * (w + pad) - pad, *shape[2:]), np.nan
+    )
+    fig, ax = _figure(ax, (0.8 + 0.9 * columns, 0.4 + 1.1 * len(rows)))
+    for r, (name, images) in enumerate(rows.items()):
+        y0 = r * (h + pad + top) + top
+        for j, image in enumerate(images):
+            grid[y0 : y0 + h, j * (w + pad) : j * (w + pad) + w] = image
+            if captions and name in captions:
+                ax.text(j * (w + pad) + w / 2, y0 - pad, str(captions[name][j]),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.imshow(grid, cmap=cmap, interpolation="nearest")
+    ax.grid(False)
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + pad + top) + top + h / 2 for r in range(len(rows))], list(rows))
+    _frameless(ax, title)
+    return fig
+
+
 def adaptation_curve(
     values, *, ylabel: str = "query accuracy", title: str | None = None, logy=False, ax=None
 ):
@@ -218,15 +320,19 @@ def heatmap(
     title: str | None = None,
     cmap: str = "viridis",
     colorbar: bool = True,
+    origin: str = "upper",
     ax=None,
 ):
     """A 2-D array as an image with a colour bar: attention or memory
-    read/write weights (time x slots), Gram or distance matrices."""
+    read/write weights (time x slots), Gram or distance matrices; a
+    spectrogram (bands x frames) with ``origin="lower"``."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise ValueError(f"heatmap takes a non-empty 2-D array, got shape {matrix.shape}")
     fig, ax = _figure(ax, (5, 4))
-    image = ax.imshow(matrix, cmap=cmap, aspect="auto", interpolation="nearest")
+    if origin not in ("upper", "lower"):
+        raise ValueError(f'origin must be "upper" or "lower", got {origin!r}')
+    image = ax.imshow(matrix, cmap=cmap, aspect="auto", interpolation="nearest", origin=origin)
     ax.grid(False)
     ax.set(xlabel=xlabel or "", ylabel=ylabel or "")
     if colorbar:

@@ -186,3 +186,65 @@ def test_histograms_share_bins_and_mark_a_threshold():
     assert ax.get_xlabel() == "distance" and ax.get_ylabel() == "count"
     fig = plotting.histograms({"a": [0.0, 1.0]}, bins=4)
     assert len(fig.axes[0].patches) == 4
+
+
+def test_curves_of_different_lengths_with_bands_and_reference_lines():
+    runs = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+    fig = plotting.curves(
+        {"short": [4.0, 2.0], "long": ([10, 20, 30], runs), "points": ([0, 5], [1.0, 1.0])},
+        ylabel="loss",
+        hlines={"target": 2.5},
+        vlines={"switch": 15},
+        styles={"points": {"fmt": "k^"}, "long": {"lw": 2.5}},
+        logy=True,
+    )
+    (ax,) = fig.axes
+    short, long, points, target, switch = ax.get_lines()
+    np.testing.assert_array_equal(short.get_xdata(), [0, 1])
+    np.testing.assert_allclose(long.get_ydata(), [2.0, 3.0, 4.0])  # the mean over runs
+    assert (
+        long.get_linewidth() == 2.5
+        and points.get_marker() == "^"
+        and points.get_linestyle() == "None"
+    )
+    assert len(ax.collections) == 1  # one band, for the 2-D curve
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # between the 10th and 90th percentiles
+    assert band.min() == pytest.approx(1.2) and band.max() == pytest.approx(4.8)
+    assert target.get_ydata()[0] == 2.5 and switch.get_xdata()[0] == 15
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "loss" and ax.get_xlabel() == "step"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["short", "long", "points", "target", "switch"]
+    with pytest.raises(ValueError, match="2 x values for 3 points"):
+        plotting.curves({"a": ([1, 2], [1, 2, 3])})
+    with pytest.raises(ValueError, match="not drawn"):
+        plotting.curves({"a": [1, 2]}, styles={"b": {}})
+    with pytest.raises(TypeError):
+        plotting.curves([1, 2])
+
+
+def test_image_rows_place_each_row_and_caption():
+    rng = np.random.default_rng(0)
+    low, high = rng.uniform(size=(3, 10, 8, 1)), rng.uniform(size=(2, 10, 8))
+    fig = plotting.image_rows(
+        {"low": low, "high": high}, captions={"high": ["0.5", "0.9"]}, title="t"
+    )
+    (ax,) = fig.axes
+    grid = ax.get_images()[0].get_array()
+    pad, top = 1, 3
+    assert grid.shape == (2 * (10 + pad + top) - pad, 3 * 9 - 1)
+    np.testing.assert_allclose(grid[top : top + 10, 9:17], low[1, ..., 0])
+    np.testing.assert_allclose(grid[2 * top + 11 : 2 * top + 21, 9:17], high[1])
+    assert np.ma.is_masked(grid[2 * top + 11, 18])  # the short row leaves its last cell empty
+    assert [t.get_text() for t in ax.texts] == ["0.5", "0.9"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["low", "high"] and ax.get_title() == "t"
+    with pytest.raises(ValueError, match="one shape"):
+        plotting.image_rows({"a": low, "b": rng.uniform(size=(2, 5, 5))})
+    with pytest.raises(ValueError, match="one string per image"):
+        plotting.image_rows({"a": low}, captions={"a": ["x"]})
+
+
+def test_heatmap_origin_lower_for_spectrograms():
+    fig = plotting.heatmap(np.arange(6.0).reshape(2, 3), origin="lower", colorbar=False)
+    assert fig.axes[0].get_images()[0].origin == "lower"
+    with pytest.raises(ValueError, match="origin"):
+        plotting.heatmap(np.ones((2, 2)), origin="left")
