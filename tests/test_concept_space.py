@@ -87,6 +87,33 @@ def test_meta_loss_alone_reaches_the_generator():
     assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads[n_head:])
 
 
+def test_without_meta_loss_to_generator_only_the_discriminator_trains_it():
+    inputs, qy = _element()
+    grads = {}
+    for flag, weight in ((False, 0.3), (True, 0.0), (True, 0.3)):
+        learner = _learner(concept_weight=weight, meta_loss_to_generator=flag)
+        weights = [v.value for v in learner.meta_variables]
+        critic = [v.value for v in learner.discriminator.trainable_variables]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(weights)
+            _, concept_loss, _, objective = learner.joint_objective(weights, critic, (inputs, qy))
+        n_head = len(learner.model.trainable_variables)
+        grads[flag, weight] = [g.numpy() for g in tape.gradient(objective, weights)]
+        if not flag:
+            external = tape.gradient(concept_loss, weights[n_head:])
+            for g, e in zip(grads[flag, weight][n_head:], external):
+                np.testing.assert_allclose(g, 0.3 * e.numpy(), rtol=1e-5, atol=1e-7)
+    n_head = 2
+    # the head's meta-gradient is the same with or without the stop
+    for a, b in zip(grads[False, 0.3][:n_head], grads[True, 0.3][:n_head]):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    # and the generator's differs by exactly the meta-loss's part
+    for a, b, c in zip(grads[False, 0.3][n_head:], grads[True, 0.3][n_head:], grads[True, 0.0][n_head:]):
+        np.testing.assert_allclose(b - a, c, rtol=1e-4, atol=1e-6)
+    restored = ConceptSpaceLearner.from_config(_learner(meta_loss_to_generator=False).get_config())
+    assert restored.meta_loss_to_generator is False
+
+
 def test_fused_generator_gives_the_exact_second_order_meta_gradient():
     # the inner loop adapts the head only, so the generator is differentiated once:
     # TensorFlow's fused batch norm (wrong second derivatives) is then exact

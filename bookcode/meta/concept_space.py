@@ -44,7 +44,9 @@ class ConceptSpaceLearner(GradientMetaLearner):
     labelled external images ``concept_x`` (b, ...) with labels ``concept_y``
     (b,): :func:`concept_dataset` makes them. The objective is the mean query
     loss after adaptation plus ``concept_weight`` times the discriminator's
-    cross-entropy; logged as ``loss``, ``accuracy``, ``concept_loss`` and
+    cross-entropy (with ``meta_loss_to_generator=False`` the meta-loss trains
+    the head only and the generator learns from the external data alone: the
+    reference that tells what the meta-loss adds to the concepts); logged as ``loss``, ``accuracy``, ``concept_loss`` and
     ``concept_accuracy``. Prediction (``predict_episode``) adapts the head on
     the support concepts as MAML does; the generator's batch normalisation
     uses the batch's statistics, as in MAML's inner loop.
@@ -56,7 +58,8 @@ class ConceptSpaceLearner(GradientMetaLearner):
     """
 
     def __init__(self, model, generator, discriminator=None, external_classes=None,
-                 concept_weight: float = 1.0, **kwargs):  # fmt: skip
+                 concept_weight: float = 1.0, meta_loss_to_generator: bool = True,
+                 **kwargs):  # fmt: skip
         if not generator.built:
             raise ValueError("build the generator first (give it an Input or call it once)")
         if discriminator is None:
@@ -77,6 +80,7 @@ class ConceptSpaceLearner(GradientMetaLearner):
         super().__init__(model, **kwargs)
         self.generator, self.discriminator = generator, discriminator
         self.concept_weight = float(concept_weight)
+        self.meta_loss_to_generator = bool(meta_loss_to_generator)
         self._metric("concept_loss"), self._metric("concept_accuracy")
 
     @property
@@ -107,12 +111,19 @@ class ConceptSpaceLearner(GradientMetaLearner):
         """The generator's concepts of ``x`` with its weights in ``meta_weights``."""
         return tf.cast(forward(self.generator, self._split(meta_weights)[1], x), tf.float32)
 
+    def task_concepts(self, meta_weights, x):
+        """The concepts a task's head sees: :meth:`concepts`, through which the
+        meta-loss reaches the generator unless ``meta_loss_to_generator`` is
+        False (then only the discriminator's loss trains the generator)."""
+        concepts = self.concepts(meta_weights, x)
+        return concepts if self.meta_loss_to_generator else tf.stop_gradient(concepts)
+
     def fast_forward(self, meta_weights, fast_weights, x):
-        return forward(self.model, fast_weights, self.concepts(meta_weights, x))
+        return forward(self.model, fast_weights, self.task_concepts(meta_weights, x))
 
     def task_objective(self, meta_weights, support_x, support_y, query_x, query_y):
         # the concepts of the support set are computed once for all inner steps
-        support = self.concepts(meta_weights, support_x)
+        support = self.task_concepts(meta_weights, support_x)
 
         def loss_fn(fast, step):
             return task_loss(self.kind, support_y, forward(self.model, fast, support))
@@ -184,6 +195,7 @@ class ConceptSpaceLearner(GradientMetaLearner):
             "generator": keras.saving.serialize_keras_object(self.generator),
             "discriminator": keras.saving.serialize_keras_object(self.discriminator),
             "concept_weight": self.concept_weight,
+            "meta_loss_to_generator": self.meta_loss_to_generator,
         }
 
     @classmethod
