@@ -1,4 +1,12 @@
-"""Notebook validation settings (nbval): compare only what is deterministic."""
+"""Notebook validation settings (nbval): compare only what is deterministic.
+Under pytest-xdist (``make test`` runs two processes) each process gets its
+share of the cores for TensorFlow's kernels, so that they do not compete."""
+
+import os
+
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:  # before any test imports TensorFlow; notebook kernels inherit it
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
 def pytest_collectstart(collector):
