@@ -37,7 +37,6 @@ TOLERANCE = 2e-4  # relative, float32 through one (second-order) meta-step
 NOT_DISTRIBUTED = {
     "FineTuning": "not meta-trained (compile/fit refuse)",
     "ConceptSpaceLearner": "new (chapter 9), its own train_step and data: not yet checked here",
-    "MAMLRL": "new (MAML for control), its own data: not yet checked here",
     "FewShotClassifier": "a base class; its subclasses are tested",
     "GradientMetaLearner": "a base class; its subclasses are tested",
 }
@@ -126,6 +125,14 @@ FACTORIES = {
         ),
         "tasks",
     ),
+    # policy-gradient MAML samples its trajectories: its reference is the mean of
+    # the one-device updates on each replica's half of the goals (same seed)
+    "MAMLRL": (
+        lambda b: b.control.MAMLRL(
+            b.control.mlp_policy(hidden=(4,), seed=0), num_trajectories=2, horizon=4
+        ),
+        "goals",
+    ),
 }
 # Every path of the two engines: the gradient learners' mean, a combiner that
 # weighs tasks (gathered from every replica), a batch objective (TAML); the
@@ -138,6 +145,7 @@ IN_CI = (
     "TAML",
     "PrototypicalNetwork",
     "SemiSupervisedPrototypicalNetwork",
+    "MAMLRL",
 )
 SELECTED = sorted(FACTORIES) if os.environ.get("BOOKCODE_TEST_ALL_LEARNERS") == "1" else list(IN_CI)
 
@@ -147,6 +155,9 @@ def _data(kind, tasks, seed=0):
 
     rng = np.random.default_rng(seed)
     shape = (SIZE * SIZE,) if kind == "flat" else (SIZE, SIZE, 1)
+    if kind == "goals":  # 2 goals per task slot: each replica gets whole goals
+        goals = rng.uniform(-0.5, 0.5, (2 * tasks, 2)).astype(np.float32)
+        return tf.data.Dataset.from_tensors(goals).repeat()
     if kind == "pairs":
         left = rng.random((2 * tasks,) + shape, dtype=np.float32)
         right = rng.random((2 * tasks,) + shape, dtype=np.float32)
@@ -162,21 +173,40 @@ def _data(kind, tasks, seed=0):
     return tf.data.Dataset.from_tensors((inputs, query_y)).repeat()
 
 
-def _one_step(name, strategy, tasks):
+def _one_step(name, strategy, tasks, data=None):
     import keras
 
+    import bookcode.control
     import bookcode.learned_optimizers
     import bookcode.meta
     import bookcode.metric
 
     factory, kind = FACTORIES[name]
+    if kind == "goals" and data is None and strategy.num_replicas_in_sync == 1:
+        # the reference: the mean of the updates on each half of the goals
+        goals = next(iter(_data(kind, tasks)))
+        half = len(goals) // 2
+        parts = [_one_step(name, strategy, tasks, data=g) for g in (goals[:half], goals[half:])]
+
+        def mean(key):
+            pairs = zip(parts[0][key], parts[1][key])
+            return [((np.asarray(a) + np.asarray(b)) / 2).tolist() for a, b in pairs]
+
+        return {"update": mean("update"), "state": mean("state"),
+                "loss": (parts[0]["loss"] + parts[1]["loss"]) / 2}  # fmt: skip
+    if data is not None:
+        import tensorflow as tf
+
+        data = tf.data.Dataset.from_tensors(data).repeat()
     with strategy.scope():
         keras.utils.set_random_seed(0)
         learner = factory(bookcode)
         learner.compile(keras.optimizers.SGD(1.0))
         before = [v.numpy() for v in learner.trainable_variables]
         states = [v.numpy() for v in learner.non_trainable_variables]
-    history = learner.fit(_data(kind, tasks), steps_per_epoch=1, verbose=0)
+    history = learner.fit(
+        _data(kind, tasks) if data is None else data, steps_per_epoch=1, verbose=0
+    )
     return {
         "update": [(b - v.numpy()).tolist() for b, v in zip(before, learner.trainable_variables)],
         "state": [

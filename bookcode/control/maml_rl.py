@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import distribute
 from ..meta.learners import GradientMetaLearner, _check_steps
 from ..meta.objectives import REGRESSION
 from .environment import HORIZON, MAX_ACTION
@@ -228,6 +229,9 @@ class MAMLRL(GradientMetaLearner):
         grads = tape.gradient(results["loss"], weights,
                               unconnected_gradients=tf.UnconnectedGradients.NONE)  # fmt: skip
         grads = self._check_meta_gradients(grads, weights, variables)
+        # under tf.distribute each replica holds a slice of the goals (with the same
+        # sampling seed): its share of the mean, which the optimiser sums over replicas
+        grads = distribute.scale(grads, distribute.replica_share(tf.shape(goals)[0]))
         self.optimizer.apply(grads, variables)
         return self._log(results)
 
