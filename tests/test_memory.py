@@ -253,3 +253,51 @@ def test_mann_read_order():
         read = cell.split_output(np_(keras.layers.RNN(cell, return_sequences=True)(x)))
         uniform = np.allclose(read["read_weights"][0, 0, 0], 1 / 6, atol=1e-6)
         assert uniform == (not after)
+
+
+def test_mann_key_value_writes_the_previous_key_beside_a_new_value():
+    """key_value=True: with the write gate shut, step t writes [k_{t-1}, v_t] into
+    the least-used slot (k_{-1} = 0), and reads (before the write) by cosine on
+    the key half of each slot only; the whole slot is read."""
+    cell = MANNCell(4, output_size=2, memory_slots=5, memory_width=4, read_heads=1,
+                    gamma=0.5, read_after_write=False, key_value=True)  # fmt: skip
+    assert cell.key_width == 2
+    x = np.random.default_rng(3).random((1, 4, 2), dtype=np.float32)
+    keras.layers.RNN(cell)(x)
+    kernel, bias = (np_(w) for w in cell.head_layer.weights)  # per head: key (2), alpha, strength
+    bias = bias.copy()
+    bias[2] = -50.0  # alpha: write to the least-used slot
+    cell.head_layer.weights[1].assign(bias)
+    v_kernel, v_bias = (np_(w) for w in cell.value_layer.weights)
+    states = cell.get_initial_state(1)
+    memory = np.full((5, 4), 1e-6, np.float32)
+    previous_key = np.zeros(2, np.float32)
+    for t in range(4):
+        _, states = cell(x[:, t], states)
+        h = np_(states[0])[0]
+        params = h @ kernel + bias
+        key, strength = np.tanh(params[:2]), 1 + np.log1p(np.exp(params[3]))
+        value = np.tanh(h @ v_kernel + v_bias)
+        cosine = memory[:, :2] @ key / (
+            np.sqrt(np.sum(memory[:, :2] ** 2, 1) + 1e-8) * np.sqrt(key @ key + 1e-8)
+        )
+        read = np.exp(strength * cosine) / np.exp(strength * cosine).sum()
+        np.testing.assert_allclose(np_(states[3])[0], read, atol=1e-5)
+        np.testing.assert_allclose(np_(states[5])[0], read @ memory, atol=1e-5)
+        memory[t] = np.concatenate([previous_key, value])  # slot t was the least used
+        np.testing.assert_allclose(np_(states[2])[0].reshape(5, 4), memory, atol=1e-5)
+        np.testing.assert_allclose(np_(states[6])[0], key, atol=1e-6)
+        previous_key = key
+    with pytest.raises(ValueError, match="memory_width"):
+        MANNCell(4, 2, memory_width=1, key_value=True)
+
+
+def test_mann_key_value_round_trip(tmp_path):
+    cell = MANNCell(6, 3, memory_slots=5, memory_width=4, read_heads=2, key_value=True)
+    model = keras.Sequential([keras.Input((4, 5)), keras.layers.RNN(cell, return_sequences=True)])
+    x = np.random.default_rng(0).random((2, 4, 5), dtype=np.float32)
+    before = np_(model(x))
+    model.save(tmp_path / "kv.keras")
+    loaded = keras.models.load_model(tmp_path / "kv.keras")
+    assert loaded.layers[0].cell.key_value
+    np.testing.assert_allclose(np_(loaded(x)), before, rtol=1e-5, atol=1e-6)
