@@ -36,7 +36,6 @@ TOLERANCE = 2e-4  # relative, float32 through one (second-order) meta-step
 # learner -> why it is not trained under a strategy here
 NOT_DISTRIBUTED = {
     "FineTuning": "not meta-trained (compile/fit refuse)",
-    "ConceptSpaceLearner": "new (chapter 9), its own train_step and data: not yet checked here",
     "FewShotClassifier": "a base class; its subclasses are tested",
     "GradientMetaLearner": "a base class; its subclasses are tested",
 }
@@ -119,6 +118,17 @@ FACTORIES = {
         lambda b: b.metric.SiameseNetwork(_image_net(4, batch_norm="synchronized")),
         "pairs",
     ),
+    # the external batch is split between the replicas: a generator without batch norm
+    "ConceptSpaceLearner": (
+        lambda b: b.meta.ConceptSpaceLearner(
+            _flat_net(3 * 4 * 4, WAYS),
+            _image_net(0, batch_norm=False),  # 8x8 -> 4x4x3 concepts
+            external_classes=3,
+            concept_weight=0.5,
+            inner_lr=0.1,
+        ),
+        "concept",
+    ),
     "MetaLSTMLearner": (
         lambda b: b.learned_optimizers.MetaLSTMLearner(
             _image_net(WAYS, batch_norm=False), steps=1, hidden_size=2
@@ -143,6 +153,7 @@ IN_CI = (
     "MAML",
     "MAML+gradient_agreement",
     "TAML",
+    "ConceptSpaceLearner",
     "PrototypicalNetwork",
     "SemiSupervisedPrototypicalNetwork",
     "MAMLRL",
@@ -168,6 +179,9 @@ def _data(kind, tasks, seed=0):
     support_y = np.tile(np.repeat(np.arange(WAYS), SHOTS), (tasks, 1)).astype(np.int32)
     query_y = np.tile(np.repeat(np.arange(WAYS), QUERIES), (tasks, 1)).astype(np.int32)
     inputs = (support_x, support_y, query_x)
+    if kind == "concept":  # and a labelled external batch, 2 images per task
+        inputs += (rng.random((2 * tasks,) + shape, dtype=np.float32),
+                   rng.integers(3, size=2 * tasks).astype(np.int32))  # fmt: skip
     if kind == "unlabeled":
         inputs += ({"unlabeled_x": rng.random((tasks, 4) + shape, dtype=np.float32)},)
     return tf.data.Dataset.from_tensors((inputs, query_y)).repeat()

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .. import distribute
 from ..episodes import ClassDataset, endless_dataset
 from .inner_loop import forward
 from .learners import GradientMetaLearner, _check_second_order_support
@@ -161,9 +162,17 @@ class ConceptSpaceLearner(GradientMetaLearner):
             weights = [tf.convert_to_tensor(v) for v in variables]
             critic_weights = [tf.convert_to_tensor(v) for v in critic]
             tape.watch(weights + critic_weights)
-            results, concept_loss, logits, objective = self.joint_objective(
+            results, concept_loss, logits, _ = self.joint_objective(
                 weights, critic_weights, (inputs, query_y)
             )
+            # under tf.distribute each replica holds a slice of the tasks and of the
+            # external batch: its shares of both means, summed by the optimiser over
+            # the replicas, give the whole objective's gradient (1 on one device)
+            tasks_share = distribute.replica_share(tf.shape(inputs[1])[0])
+            external_share = distribute.replica_share(tf.shape(inputs[4])[0])
+            objective = tf.cast(tasks_share, results["loss"].dtype) * tf.reduce_mean(
+                results["loss"]
+            ) + self.concept_weight * tf.cast(external_share, concept_loss.dtype) * concept_loss
         grads = tape.gradient(
             objective, weights + critic_weights, unconnected_gradients=tf.UnconnectedGradients.NONE
         )
