@@ -13,11 +13,21 @@
    1e-3) on 20-way 5-shot Omniglot-train episodes (5 queries per class) for
    that many seconds of wall time, then report 5-way 1-shot accuracy on 600
    fixed Omniglot-test episodes (15 queries per class).
+4. ``--train-episodes 250,500,750``: the same training, measured in episodes
+   instead of seconds (independent of the machine's load): test accuracy and
+   CPU seconds after each number of episodes, one training run.
+
+``--onednn on|off`` sets ``TF_ENABLE_ONEDNN_OPTS`` before TensorFlow is
+imported (default: TensorFlow's own choice, which turns oneDNN on only on
+CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX; on an AVX2-only CPU it
+is off and the convolutions and batch norm take TensorFlow's Eigen kernels,
+2-3x slower here). The output says which was used.
 
 Usage::
 
     BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py [--skip-time-to-accuracy]
-    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-seconds 120
+    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-seconds 120 [--onednn on]
+    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-episodes 250,500 [--onednn on]
 
 Prints a Markdown section; paste it under ``## Prototypical networks`` in
 ``benchmarks/RESULTS.md``. The machine is often shared: the load average is
@@ -32,7 +42,21 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras
+
+def _onednn_option():
+    """``--onednn on|off|default``, read before TensorFlow is imported (the
+    variable is read once, at import)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--onednn", choices=("default", "on", "off"), default="default")
+    choice = parser.parse_known_args()[0].onednn
+    if choice != "default":
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if choice == "on" else "0"
+    return choice
+
+
+_onednn_option()
+
+import keras  # after the oneDNN choice
 
 from bookcode import nets
 from bookcode.datasets import omniglot
@@ -48,6 +72,15 @@ def load_average() -> str:
         return " / ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def onednn() -> str:
+    """Whether TensorFlow runs its oneDNN kernels in this process, and why."""
+    state = "on" if nets.onednn_enabled() else "off"
+    forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    return (
+        f"oneDNN {state} ({f'TF_ENABLE_ONEDNN_OPTS={forced}' if forced else 'TensorFlow default'})"
+    )
 
 
 def make_model(fast: bool | None) -> PrototypicalNetwork:
@@ -98,13 +131,20 @@ def time_to_accuracy(train, val, target=0.95, every=25, limit=2000):
     return wall, cpu, None, accuracy
 
 
-def accuracy_after(seconds: float, chunk: int = 25):
-    """Train the default model on 20-way 5-shot episodes for ``seconds`` of wall
-    time (in chunks of ``chunk`` episodes), then evaluate 5-way 1-shot on test."""
+def _train_setup():
     keras.utils.set_random_seed(0)
     train, test = omniglot("train"), omniglot("test")
     model = make_model(None)
     dataset = EpisodeSampler(train, ways=20, shots=5, queries=5, seed=0).tf_dataset()
+    episodes = EpisodeSampler(test, ways=5, shots=1, queries=15).fixed(600, seed=2024)
+    return model, dataset, episodes
+
+
+def accuracy_after(seconds: float, chunk: int = 25):
+    """Train the default model on 20-way 5-shot episodes for ``seconds`` of wall
+    time (in chunks of ``chunk`` episodes), then evaluate 5-way 1-shot on test."""
+    model, dataset, episodes = _train_setup()
+    before = load_average()
     wall, cpu, seen = 0.0, 0.0, 0
     while wall < seconds:
         w, c = time.perf_counter(), time.process_time()
@@ -112,13 +152,35 @@ def accuracy_after(seconds: float, chunk: int = 25):
         wall += time.perf_counter() - w
         cpu += time.process_time() - c
         seen += chunk
-    episodes = EpisodeSampler(test, ways=5, shots=1, queries=15).fixed(600, seed=2024)
     result = evaluate(model, episodes)
     print(
-        f"`PrototypicalNetwork()` trained {wall:.0f} s wall ({cpu:.0f} s CPU), {seen} "
+        f"`PrototypicalNetwork()` trained {wall:.0f} s wall ({cpu:.0f} s CPU, "
+        f"{seen / cpu:.2f} episodes per CPU-second), {seen} "
         f"20-way 5-shot episodes (5 queries): 5-way 1-shot Omniglot test accuracy {result} "
-        f"(load average {load_average()})"
+        f"({onednn()}; load average {before} before, {load_average()} after, "
+        f"{os.cpu_count()} CPUs)"
     )
+
+
+def accuracy_curve(counts: list[int], chunk: int = 25):
+    """The training of :func:`accuracy_after`, measured in episodes: test
+    accuracy after each count (one run; evaluation time excluded)."""
+    model, dataset, episodes = _train_setup()
+    print(f"{onednn()}; load average before: {load_average()} ({os.cpu_count()} CPUs)")
+    print("| episodes | training wall s | training CPU s | CPU s per episode | 5-way 1-shot test |")
+    print("|---|---|---|---|---|")
+    wall, cpu, seen = 0.0, 0.0, 0
+    for count in sorted(counts):
+        while seen < count:
+            steps = min(chunk, count - seen)
+            w, c = time.perf_counter(), time.process_time()
+            model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+            wall += time.perf_counter() - w
+            cpu += time.process_time() - c
+            seen += steps
+        result = evaluate(model, episodes)
+        print(f"| {seen} | {wall:.0f} | {cpu:.0f} | {cpu / seen:.3f} | {result} |", flush=True)
+    print(f"load average after: {load_average()}")
 
 
 def main():
@@ -126,6 +188,9 @@ def main():
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--skip-time-to-accuracy", action="store_true")
     parser.add_argument("--train-seconds", type=float, default=None)
+    parser.add_argument("--train-episodes", default=None, help="e.g. 250,500,750")
+    parser.add_argument("--onednn", choices=("default", "on", "off"), default="default",
+                        help="TF_ENABLE_ONEDNN_OPTS for this run (default: TensorFlow's choice)")  # fmt: skip
     args = parser.parse_args()
     # not bookcode.notebook.setup(): its op determinism would make the
     # comparison with other versions of the package depend on their setup()
@@ -133,9 +198,12 @@ def main():
     if args.train_seconds:
         accuracy_after(args.train_seconds)
         return
+    if args.train_episodes:
+        accuracy_curve([int(n) for n in args.train_episodes.split(",")])
+        return
     train, val = omniglot("train"), omniglot("val")
 
-    print(f"load average before: {load_average()} ({os.cpu_count()} CPUs)")
+    print(f"{onednn()}; load average before: {load_average()} ({os.cpu_count()} CPUs)")
     rows = []
     for fast, label in [(None, "defaults: `PrototypicalNetwork()`"),
                         (False, "Keras BatchNormalization, float32"),

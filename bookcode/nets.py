@@ -103,6 +103,31 @@ def fast_precision() -> str:
     return "mixed_bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
+ONEDNN_CPU_FLAGS = frozenset(
+    {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+)
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels (convolutions, batch norm,
+    pooling) in this process.
+
+    TensorFlow decides once, when it is imported: on Linux it turns oneDNN on
+    by default only on CPUs with one of :data:`ONEDNN_CPU_FLAGS` (AVX512-VNNI,
+    AVX512-BF16, AVX-VNNI, AMX); ``TF_ENABLE_ONEDNN_OPTS=1`` (or ``0``) set
+    before the import overrides it. On an AVX2-only CPU the default is off,
+    and Conv-4 training takes Eigen's kernels, 2-3x more CPU time
+    (``benchmarks/RESULTS.md``); results differ in the last digits between
+    the two."""
+    import tensorflow as tf  # noqa: F401 (the decision is taken at import)
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a TensorFlow build without the probe
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 _BATCH_NORMS = {
     "exact": BatchNormalization,
     "fused": FusedBatchNormalization,
@@ -133,7 +158,12 @@ def conv_block(
 ) -> keras.Sequential:
     """3x3 convolution, batch normalisation, ReLU, 2x2 max-pooling (left out
     with ``pool=False``). ``padding``: the convolution's, ``"same"`` or
-    ``"valid"``. ``batch_norm``: see :func:`conv4`."""
+    ``"valid"``. ``batch_norm``: see :func:`conv4`.
+
+    The layers pool before the ReLU: max-pooling and ReLU commute exactly
+    (values and gradients, bit for bit; ``tests/test_nets.py``), and the ReLU
+    then touches a quarter of the values (5% less CPU per Conv-4 training
+    step with TensorFlow's Eigen kernels, 2% with oneDNN)."""
     norm = _batch_norm_class(batch_norm, fused_batch_norm)
     if padding not in ("same", "valid"):
         raise ValueError(f'padding must be "same" or "valid", got {padding!r}')
@@ -141,9 +171,9 @@ def conv_block(
         [
             layers.Conv2D(filters, 3, padding=padding, dtype=dtype),
             norm(momentum=batch_norm_momentum, dtype=dtype),
-            layers.ReLU(dtype=dtype),
         ]
-        + ([layers.MaxPooling2D(2, dtype=dtype)] if pool else []),
+        + ([layers.MaxPooling2D(2, dtype=dtype)] if pool else [])
+        + [layers.ReLU(dtype=dtype)],
         name=name,
     )
 

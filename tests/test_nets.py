@@ -104,3 +104,100 @@ def test_conv4_feature_maps_without_pooling_and_relation_module():
     assert relation.output_shape == (None, 1)
     # 5x5 -> pool 2x2 -> pool 1x1; conv 3*3*8*4+4, bn 16, conv 3*3*4*4+4, bn 16, dense 4*3+3, 3+1
     assert relation.count_params() == 292 + 16 + 148 + 16 + 15 + 4
+
+
+def _relu_then_pool(model):
+    """``model`` (a conv4) with every block in the order conv, batch norm,
+    ReLU, max-pool; it shares ``model``'s layers, so its variables too."""
+    import keras
+
+    blocks = []
+    for block in model.layers:
+        if isinstance(block, keras.Sequential):
+            conv, norm, pool, relu = block.layers
+            assert isinstance(pool, keras.layers.MaxPooling2D) and isinstance(
+                relu, keras.layers.ReLU
+            )
+            block = keras.Sequential([conv, norm, relu, pool])
+        blocks.append(block)
+    return keras.Sequential([keras.Input(model.input_shape[1:])] + blocks)
+
+
+@pytest.mark.parametrize(
+    "batch_norm, dtype",
+    [("exact", None), ("fused", None), ("keras", None), ("fused", "mixed_bfloat16")],
+)
+def test_conv4_pools_before_the_relu_bit_identically(batch_norm, dtype):
+    # Max-pooling and ReLU commute exactly (the ReLU is monotone and max picks
+    # the same element), so conv4's blocks pool first and apply the ReLU to a
+    # quarter of the values. Losses, gradients, second derivatives and two
+    # SGD steps equal the ReLU-then-pool order bit for bit.
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    model = nets.conv4((16, 16, 1), 4, 3, batch_norm=batch_norm, dtype=dtype)
+    reference = _relu_then_pool(model)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(6, 16, 16, 1)).astype(np.float32))
+    y = tf.constant([0, 1, 2, 0, 1, 2])
+    start = [v.numpy() for v in model.variables]
+
+    def run(net):
+        for variable, value in zip(model.variables, start):
+            variable.assign(value)
+        record = []
+        for _ in range(2):
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    logits = tf.cast(net(x, training=True), tf.float32)
+                    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+                grads = inner.gradient(loss, net.trainable_variables)
+                penalty = tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+            second = outer.gradient(penalty, net.trainable_variables)
+            record += [loss, *grads, *second]
+            for variable, g in zip(net.trainable_variables, grads):
+                variable.assign_sub(0.1 * g)
+        record.append(tf.cast(net(x, training=False), tf.float32))
+        return [r.numpy() for r in record] + [v.numpy() for v in model.variables]
+
+    assert [type(l).__name__ for l in model.layers[0].layers][2:] == [
+        "MaxPooling2D",
+        "ReLU",
+    ]
+    new, old = run(model), run(reference)
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        np.testing.assert_array_equal(a, b)
+    per_step = 1 + 2 * len(model.trainable_variables)
+    assert new[0] > new[per_step]  # the SGD steps lowered the loss
+
+
+def test_onednn_enabled_follows_tensorflows_rule():
+    import os
+    import subprocess
+    import sys
+
+    forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    expected = bool(flags & nets.ONEDNN_CPU_FLAGS) if forced is None else forced in ("1", "true")
+    assert nets.onednn_enabled() is expected
+    # the environment variable, set before TensorFlow is imported, decides
+    code = "from bookcode import nets; print(nets.onednn_enabled())"
+    env = {
+        **os.environ,
+        "TF_ENABLE_ONEDNN_OPTS": "0" if expected else "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == str(not expected), out.stderr[-2000:]
