@@ -147,6 +147,13 @@ FULL_ONLY = {
         "sine_test_tasks": COUNT,
         "test_episodes": COUNT,
     },
+    "09b_learning_in_the_concept_space": {
+        "meta_batch": BATCH,
+        "concept_batch": BATCH,  # more external images per meta-iteration
+        "iterations": COUNT,
+        "meta_lr": COUNT,
+        "test_episodes": COUNT,
+    },
     "08_gradient_agreement": {
         "maml_iterations": COUNT,
         "reptile_iterations": COUNT,
