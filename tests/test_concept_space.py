@@ -108,7 +108,9 @@ def test_without_meta_loss_to_generator_only_the_discriminator_trains_it():
     for a, b in zip(grads[False, 0.3][:n_head], grads[True, 0.3][:n_head]):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     # and the generator's differs by exactly the meta-loss's part
-    for a, b, c in zip(grads[False, 0.3][n_head:], grads[True, 0.3][n_head:], grads[True, 0.0][n_head:]):
+    for a, b, c in zip(
+        grads[False, 0.3][n_head:], grads[True, 0.3][n_head:], grads[True, 0.0][n_head:]
+    ):
         np.testing.assert_allclose(b - a, c, rtol=1e-4, atol=1e-6)
     restored = ConceptSpaceLearner.from_config(_learner(meta_loss_to_generator=False).get_config())
     assert restored.meta_loss_to_generator is False

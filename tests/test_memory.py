@@ -278,8 +278,10 @@ def test_mann_key_value_writes_the_previous_key_beside_a_new_value():
         params = h @ kernel + bias
         key, strength = np.tanh(params[:2]), 1 + np.log1p(np.exp(params[3]))
         value = np.tanh(h @ v_kernel + v_bias)
-        cosine = memory[:, :2] @ key / (
-            np.sqrt(np.sum(memory[:, :2] ** 2, 1) + 1e-8) * np.sqrt(key @ key + 1e-8)
+        cosine = (
+            memory[:, :2]
+            @ key
+            / (np.sqrt(np.sum(memory[:, :2] ** 2, 1) + 1e-8) * np.sqrt(key @ key + 1e-8))
         )
         read = np.exp(strength * cosine) / np.exp(strength * cosine).sum()
         np.testing.assert_allclose(np_(states[3])[0], read, atol=1e-5)

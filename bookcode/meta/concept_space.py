@@ -47,8 +47,8 @@ class ConceptSpaceLearner(GradientMetaLearner):
     loss after adaptation plus ``concept_weight`` times the discriminator's
     cross-entropy (with ``meta_loss_to_generator=False`` the meta-loss trains
     the head only and the generator learns from the external data alone: the
-    reference that tells what the meta-loss adds to the concepts); logged as ``loss``, ``accuracy``, ``concept_loss`` and
-    ``concept_accuracy``. Prediction (``predict_episode``) adapts the head on
+    reference that tells what the meta-loss adds to the concepts); logged as
+    ``loss``, ``accuracy``, ``concept_loss`` and ``concept_accuracy``. Prediction (``predict_episode``) adapts the head on
     the support concepts as MAML does; the generator's batch normalisation
     uses the batch's statistics, as in MAML's inner loop.
 
@@ -170,9 +170,10 @@ class ConceptSpaceLearner(GradientMetaLearner):
             # the replicas, give the whole objective's gradient (1 on one device)
             tasks_share = distribute.replica_share(tf.shape(inputs[1])[0])
             external_share = distribute.replica_share(tf.shape(inputs[4])[0])
-            objective = tf.cast(tasks_share, results["loss"].dtype) * tf.reduce_mean(
-                results["loss"]
-            ) + self.concept_weight * tf.cast(external_share, concept_loss.dtype) * concept_loss
+            objective = (
+                tf.cast(tasks_share, results["loss"].dtype) * tf.reduce_mean(results["loss"])
+                + self.concept_weight * tf.cast(external_share, concept_loss.dtype) * concept_loss
+            )
         grads = tape.gradient(
             objective, weights + critic_weights, unconnected_gradients=tf.UnconnectedGradients.NONE
         )
