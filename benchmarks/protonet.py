@@ -97,6 +97,13 @@ def make_model(fast: bool | None) -> PrototypicalNetwork:
     return model
 
 
+def timed_fit(model, dataset, steps: int) -> tuple[float, float]:
+    """``steps`` training episodes through ``fit()``: (wall s, CPU s)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def throughput(train, fast, episodes: int = 300, warmup: int = 20) -> tuple[float, float]:
     """Training episodes per second (wall) and CPU seconds per episode;
     ``fast=True`` also sets the ``mixed_bfloat16`` policy."""
@@ -104,9 +111,7 @@ def throughput(train, fast, episodes: int = 300, warmup: int = 20) -> tuple[floa
     model = make_model(fast)
     dataset = EpisodeSampler(train, ways=5, shots=5, queries=15, seed=0).tf_dataset()
     model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)
-    wall, cpu = time.perf_counter(), time.process_time()
-    model.fit(dataset, steps_per_epoch=episodes, epochs=1, verbose=0)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = timed_fit(model, dataset, episodes)
     keras.mixed_precision.set_global_policy("float32")
     return episodes / wall, cpu / episodes
 
@@ -121,10 +126,8 @@ def time_to_accuracy(train, val, target=0.95, every=25, limit=2000):
     episodes = EpisodeSampler(val, 5, 1, 15).fixed(100, seed=1)
     wall = cpu = 0.0
     for seen in range(every, limit + 1, every):
-        w, c = time.perf_counter(), time.process_time()
-        model.fit(dataset, steps_per_epoch=every, epochs=1, verbose=0)
-        wall += time.perf_counter() - w
-        cpu += time.process_time() - c
+        w, c = timed_fit(model, dataset, every)
+        wall, cpu = wall + w, cpu + c
         accuracy = evaluate(model, episodes).mean
         if accuracy >= target:
             return wall, cpu, seen, accuracy
@@ -147,10 +150,8 @@ def accuracy_after(seconds: float, chunk: int = 25):
     before = load_average()
     wall, cpu, seen = 0.0, 0.0, 0
     while wall < seconds:
-        w, c = time.perf_counter(), time.process_time()
-        model.fit(dataset, steps_per_epoch=chunk, epochs=1, verbose=0)
-        wall += time.perf_counter() - w
-        cpu += time.process_time() - c
+        w, c = timed_fit(model, dataset, chunk)
+        wall, cpu = wall + w, cpu + c
         seen += chunk
     result = evaluate(model, episodes)
     print(
@@ -173,10 +174,8 @@ def accuracy_curve(counts: list[int], chunk: int = 25):
     for count in sorted(counts):
         while seen < count:
             steps = min(chunk, count - seen)
-            w, c = time.perf_counter(), time.process_time()
-            model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
-            wall += time.perf_counter() - w
-            cpu += time.process_time() - c
+            w, c = timed_fit(model, dataset, steps)
+            wall, cpu = wall + w, cpu + c
             seen += steps
         result = evaluate(model, episodes)
         print(f"| {seen} | {wall:.0f} | {cpu:.0f} | {cpu / seen:.3f} | {result} |", flush=True)
