@@ -1,8 +1,14 @@
 """Notebook validation settings (nbval): compare only what is deterministic.
 Under pytest-xdist (``make test`` runs two processes) each process gets its
-share of the cores for TensorFlow's kernels, so that they do not compete."""
+share of the cores for TensorFlow's kernels, so that they do not compete.
+Unit tests run TensorFlow's oneDNN CPU kernels, as the notebooks do
+(``bookcode.notebook.setup``), unless ``TF_ENABLE_ONEDNN_OPTS`` says otherwise."""
 
 import os
+import platform
+
+if platform.machine().lower() in ("x86_64", "amd64"):  # before any test imports TensorFlow
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:  # before any test imports TensorFlow; notebook kernels inherit it

@@ -11,6 +11,12 @@ Environment variables (all optional):
 - ``BOOKCODE_DETERMINISTIC``: ``0`` skips op determinism (on by default).
 - ``BOOKCODE_CHECKS``: a file to which :func:`check` appends one JSON line per
   checked quantity (``benchmarks/multirun.py`` reads it).
+- ``TF_ENABLE_ONEDNN_OPTS``: TensorFlow's own switch for its oneDNN CPU kernels.
+  :func:`setup` sets it to ``1`` on x86-64 when it is unset and TensorFlow is
+  not yet imported: TensorFlow 2.21 turns oneDNN on by itself only on CPUs
+  with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, and without it a Conv-4
+  episode costs about twice the CPU time on an AVX2-only CPU
+  (``benchmarks/RESULTS.md``). ``0`` keeps TensorFlow's Eigen kernels.
 - ``BOOKCODE_DISTRIBUTE``: ``1`` trains on every visible GPU when there are
   several (``tf.distribute.MirroredStrategy``, see :mod:`bookcode.distribute`;
   learners then need meta-batches, ``tf_dataset(batch_size=...)``). Off by
@@ -36,6 +42,7 @@ SEED_VAR = "BOOKCODE_SEED"
 PRECISION_VAR = "BOOKCODE_PRECISION"
 DETERMINISTIC_VAR = "BOOKCODE_DETERMINISTIC"
 CHECKS_VAR = "BOOKCODE_CHECKS"
+ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 DISTRIBUTE_VAR = "BOOKCODE_DISTRIBUTE"
 
 # Lines TensorFlow 2.21 writes to stderr while it is imported on a machine
@@ -47,6 +54,7 @@ _HARMLESS_IMPORT_LINES = (
     r"cudart_stub\.cc.*\] Could not find cuda drivers on your machine",
     r"cpu_feature_guard\.cc.*\] This TensorFlow binary is optimized",
     r"^To enable the following instructions: .* rebuild TensorFlow",
+    r"port\.cc.*\] oneDNN custom operations are on",  # setup()'s line says so
 )
 # cuInit fails when no NVIDIA driver is installed at all; only then it is noise.
 _NO_DRIVER = re.compile(r"cudart_stub\.cc.*Could not find cuda drivers")
@@ -87,7 +95,8 @@ def setup(seed: int = 0) -> str:
     turns on TensorFlow's op determinism so that a run repeats exactly on one
     machine (``BOOKCODE_DETERMINISTIC=0`` turns it off), sets the Keras dtype
     policy to :func:`bookcode.nets.fast_precision` (``$BOOKCODE_PRECISION``),
-    sets readable plot defaults, and prints one line: profile, seed, device
+    asks for TensorFlow's oneDNN CPU kernels (``$TF_ENABLE_ONEDNN_OPTS``,
+    above), sets readable plot defaults, and prints one line: profile, seed, device
     and precision.
 
     Logs: the notebook's first code cell sets ``TF_CPP_MIN_LOG_LEVEL`` and
@@ -113,6 +122,7 @@ def setup(seed: int = 0) -> str:
     global _seed_offset
     _seed_offset = int(value) - seed if value else 0
     seed = int(value or seed)
+    _prefer_onednn()
     _import_tensorflow()
     import keras
     import numpy as np
@@ -135,6 +145,7 @@ def setup(seed: int = 0) -> str:
     _plot_defaults()
     print(
         f"bookcode: profile {profile()}, seed {seed}, {device_name()}, precision {precision}"
+        + f", oneDNN {'on' if nets.onednn_enabled() else 'off'}"
         + ("" if deterministic else ", op determinism off")
         + _distribution()
     )
@@ -202,6 +213,14 @@ def check(name: str, value, *, at_least=None, at_most=None) -> float:
     if failed:
         raise AssertionError(f"{name} = {value:.4g} " + " and ".join(failed))
     return value
+
+
+def _prefer_onednn():
+    """Ask TensorFlow for its oneDNN CPU kernels (``$TF_ENABLE_ONEDNN_OPTS``,
+    read once when TensorFlow is imported) unless the user chose, TensorFlow
+    is already imported, or the CPU is not x86-64."""
+    if "tensorflow" not in sys.modules and platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault(ONEDNN_VAR, "1")
 
 
 def _import_tensorflow():

@@ -54,3 +54,25 @@ def test_setup_drops_only_the_known_import_notices():
     assert result.stdout.count("\n") == 1
     for notice in ("cudart_stub", "cpu_feature_guard", "absl::InitializeLog"):
         assert notice not in result.stderr
+    assert "oneDNN custom operations" not in result.stderr  # setup()'s own line says it
+
+
+def test_setup_turns_onednn_on_unless_the_user_chose():
+    import platform
+
+    code = (
+        "import os, bookcode.notebook; bookcode.notebook.setup();"
+        "from bookcode import nets; print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), nets.onednn_enabled())"
+    )
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    outputs = {}
+    for choice in (None, "0"):
+        env = base if choice is None else {**base, "TF_ENABLE_ONEDNN_OPTS": choice}
+        result = subprocess.run(
+            [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        outputs[choice] = result.stdout.splitlines()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert outputs[None][0].endswith(", oneDNN on") and outputs[None][1] == "1 True"
+    assert outputs["0"][0].endswith(", oneDNN off") and outputs["0"][1] == "0 False"
