@@ -111,6 +111,25 @@ def test_default_relation_network_is_the_papers_and_the_split_convolution_is_exa
     assert scores.min() >= 0 and scores.max() <= 1
 
 
+def test_default_relation_module_has_the_papers_dense_initialisation():
+    keras.utils.set_random_seed(0)
+    model = RelationNetwork()
+    hidden, output = (
+        layer for layer in model.relation.layers if isinstance(layer, keras.layers.Dense)
+    )
+    for layer in (hidden, output):
+        np.testing.assert_array_equal(layer.bias.numpy(), np.ones(layer.bias.shape))
+    kernel = hidden.kernel.numpy()  # 64 x 8 draws from N(0, 0.01^2)
+    assert abs(kernel.mean()) < 0.003 and 0.008 < kernel.std() < 0.012
+    assert 0.005 < output.kernel.numpy().std() < 0.02
+    # a module given by the caller is left as it is
+    given = nets.relation_module()
+    bias = given.get_layer("hidden").bias.numpy().copy()
+    RelationNetwork(relation=given)
+    np.testing.assert_array_equal(given.get_layer("hidden").bias.numpy(), bias)
+    assert not np.any(bias)  # Keras's zero biases
+
+
 def test_relation_network_trains_with_fit_and_updates_batch_norm():
     keras.utils.set_random_seed(0)
     model = _small_relation_network()
