@@ -34,6 +34,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as bookcode.notebook.setup() (x86-64)
 
 import keras
 
@@ -157,7 +158,8 @@ def main():
     lines = [
         (
             f"Training throughput, {WAYS}-way {SHOTS}-shot, {QUERIES} queries per class, 28x28, "
-            f"float32, {args.episodes} episodes after 20 of warm-up (ours: `fit()` on "
+            f"float32, TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}, "
+            f"{args.episodes} episodes after 20 of warm-up (ours: `fit()` on "
             "`EpisodeSampler.tf_dataset()` of Omniglot; PyTorch: random inputs):"
         ),
         "",
