@@ -96,8 +96,8 @@ def setup(seed: int = 0) -> str:
     machine (``BOOKCODE_DETERMINISTIC=0`` turns it off), sets the Keras dtype
     policy to :func:`bookcode.nets.fast_precision` (``$BOOKCODE_PRECISION``),
     asks for TensorFlow's oneDNN CPU kernels (``$TF_ENABLE_ONEDNN_OPTS``,
-    above), sets readable plot defaults, and prints one line: profile, seed, device
-    and precision.
+    above), sets readable plot defaults, and prints one line: profile, seed,
+    device, precision and whether oneDNN is on.
 
     Logs: the notebook's first code cell sets ``TF_CPP_MIN_LOG_LEVEL`` and
     calls ``setup()`` before anything imports TensorFlow or Keras::
