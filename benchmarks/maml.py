@@ -22,6 +22,11 @@ measure that is less sensitive to other jobs on a shared machine), the load
 average at the start, and the peak resident memory of the process.
 
     BOOKCODE_DATA=... .venv/bin/python benchmarks/maml.py [--iterations 6] [--parallel-tasks 4]
+        [--task-batching auto|map|batched]
+
+``--task-batching`` is the learners' option (MAML, Meta-SGD): the meta-batch's
+tasks mapped one by one (``map``) or run as one batched computation
+(``batched``, bookcode.meta.batched); Reptile always maps.
 
 Before/after a change: run it with PYTHONPATH=/path/to/old/checkout first, then
 without (the "code" field says which bookcode was measured).
@@ -48,7 +53,9 @@ WORKLOADS = {
 }
 
 
-def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast: bool) -> dict:
+def run_one(
+    name: str, iterations: int, parallel_tasks: int, filters: int, fast: bool, task_batching: str
+) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -82,6 +89,7 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast:
             inner_steps=cfg["steps"],
             first_order=cfg["first_order"],
             parallel_tasks=parallel_tasks,
+            task_batching=task_batching,
             **options,
         )
         maml.compile(keras.optimizers.Adam(1e-3))
@@ -112,6 +120,7 @@ def run_one(name: str, iterations: int, parallel_tasks: int, filters: int, fast:
         "rss_before_mb": round(rss_before / 1024),
         "parallel_tasks": parallel_tasks,
         "fast": fast,
+        "task_batching": task_batching if learner != "reptile" else "map",
         "code": os.path.dirname(os.path.dirname(bookcode.__file__)),
     }
 
@@ -125,12 +134,20 @@ def main():
     parser.add_argument(
         "--fast", action="store_true", help="fused batch norm and mixed_bfloat16 (CPUs with AMX)"
     )
+    parser.add_argument("--task-batching", choices=["auto", "map", "batched"], default="auto")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(
             json.dumps(
-                run_one(args.child, args.iterations, args.parallel_tasks, args.filters, args.fast)
+                run_one(
+                    args.child,
+                    args.iterations,
+                    args.parallel_tasks,
+                    args.filters,
+                    args.fast,
+                    args.task_batching,
+                )
             )
         )
         return
@@ -138,7 +155,8 @@ def main():
     for name in args.workloads:
         out = subprocess.run(
             [sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),
-             "--parallel-tasks", str(args.parallel_tasks), "--filters", str(args.filters)]
+             "--parallel-tasks", str(args.parallel_tasks), "--filters", str(args.filters),
+             "--task-batching", args.task_batching]
             + ["--fast"] * args.fast,
             capture_output=True, text=True, check=True,
         )  # fmt: skip

@@ -39,9 +39,13 @@ The tasks of a meta-batch run inside one compiled ``tf.function`` through
 merges (default :func:`mean_gradients`; :data:`gradient_agreement`, Eshratifar,
 Eigen & Pedram 2018, weighs each task by its agreement with the others,
 :func:`agreement_weights`, which :class:`AgreementLog` records during ``fit()``).
+With ``task_batching="batched"`` (the default ``"auto"`` on a GPU) MAML and
+Meta-SGD run the meta-batch's tasks as one computation instead
+(:func:`task_forward`, one grouped convolution for every task's Conv-4).
 """
 
 from .baselines import FineTuning
+from .batched import task_forward
 from .callbacks import AgreementLog
 from .combiners import (
     GradientAgreement,
@@ -103,6 +107,7 @@ __all__ = [
     "mean_gradients",
     "metric_name",
     "prediction_entropy",
+    "task_forward",
     "task_loss",
     "task_metric",
     "theil_index",

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import distribute
+from . import batched
 from .combiners import mean_gradients
 from .inner_loop import adapt, connect_gradients, forward
 from .objectives import (
@@ -29,6 +30,8 @@ from .objectives import (
     task_metric,
 )
 from .update_rules import SGD
+
+TASK_BATCHINGS = ("auto", "map", "batched")
 
 
 def _check_steps(value, name):
@@ -77,8 +80,12 @@ class GradientMetaLearner(keras.Model):
 
     ``train_step`` maps :meth:`task_objective` over the tasks of a
     meta-batch in one compiled graph (``tf.map_fn``, ``parallel_tasks`` tasks
-    in flight), takes one meta-gradient per task and merges them with
-    ``combiner`` (default: their mean; see :mod:`bookcode.meta.combiners`).
+    in flight), or, with ``task_batching="batched"``, runs them as one
+    batched computation (:mod:`bookcode.meta.batched`: MAML and Meta-SGD on
+    Conv-4 or dense models; ``"auto"``, the default, batches on a GPU and maps
+    on a CPU; ``"map"`` always maps), takes one meta-gradient per task and
+    merges them with ``combiner`` (default: their mean; see
+    :mod:`bookcode.meta.combiners`).
     A subclass that overrides :meth:`batch_objective` is instead
     differentiated through that objective of the whole meta-batch. Every
     key of the task objective's dict is logged (mean over tasks). Under a
@@ -113,6 +120,7 @@ class GradientMetaLearner(keras.Model):
         kind: str = CLASSIFICATION,
         parallel_tasks: int = 4,
         combiner=None,
+        task_batching: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -134,6 +142,13 @@ class GradientMetaLearner(keras.Model):
         self.kind = kind
         self.parallel_tasks = int(parallel_tasks)
         self.combiner = combiner
+        if task_batching not in TASK_BATCHINGS:
+            raise ValueError(
+                f"task_batching must be one of {TASK_BATCHINGS}, got {task_batching!r}"
+            )
+        if task_batching == "batched":
+            batched.check_learner(self)
+        self.task_batching = task_batching
         # metric trackers and compiled functions, kept out of Keras's tracking (not saved)
         object.__setattr__(self, "_trackers", {})
         object.__setattr__(self, "_functions", {})
@@ -294,18 +309,35 @@ class GradientMetaLearner(keras.Model):
 
     # -- training ---------------------------------------------------------------
 
+    def _batches_tasks(self):
+        """Whether the meta-batch's tasks run as one batched computation:
+        ``task_batching="batched"``, or ``"auto"`` on a GPU when the learner
+        and its model allow it."""
+        if self.task_batching != "auto":
+            return self.task_batching == "batched"
+        if not tf.config.list_physical_devices("GPU"):
+            return False
+        try:
+            batched.check_learner(self)
+        except (TypeError, ValueError):
+            return False
+        return True
+
     def _has_batch_objective(self):
         return type(self).batch_objective is not GradientMetaLearner.batch_objective
 
     def _task_results(self, meta_weights, task):
-        results = self.task_objective(meta_weights, *task)
+        return self._checked_results(
+            self.task_objective(meta_weights, *task), meta_weights[0].dtype
+        )
+
+    def _checked_results(self, results, dtype):
         keys = self.objective_keys
         if not isinstance(results, dict) or set(results) != set(keys):
             raise ValueError(
                 f"task_objective must return a dict with keys {list(keys)} (objective_keys), "
                 f"got {list(results) if isinstance(results, dict) else type(results)}"
             )
-        dtype = meta_weights[0].dtype
         return {k: tf.cast(results[k], dtype) for k in keys}
 
     def _map_tasks(self, fn, tasks, signature):
@@ -319,7 +351,10 @@ class GradientMetaLearner(keras.Model):
     def task_gradients(self, support_x, support_y, query_x, query_y):
         """Per-task results (dict of (tasks,) tensors) and meta-gradients (one
         tensor per meta-variable with a leading task axis), each from
-        :meth:`task_update`."""
+        :meth:`task_update`, or all at once (:mod:`bookcode.meta.batched`) when
+        tasks are batched."""
+        if self._batches_tasks():
+            return batched.task_gradients(self, support_x, support_y, query_x, query_y)
         variables = self.meta_variables
         meta_weights = [v.value for v in variables]
 
@@ -537,6 +572,7 @@ class GradientMetaLearner(keras.Model):
             test_inner_steps=self.test_inner_steps,
             kind=self.kind,
             parallel_tasks=self.parallel_tasks,
+            task_batching=self.task_batching,
             combiner=None
             if self.combiner is None
             else keras.saving.serialize_keras_object(self.combiner),
