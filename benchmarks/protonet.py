@@ -9,13 +9,16 @@
    e.g. the baseline, ``PrototypicalNetwork(nets.conv4())``).
 2. Time to reach 95% 5-way 1-shot accuracy on 100 fixed validation episodes,
    training as chapter 3 does (60-way 1-shot, 5 queries, Adam 1e-3).
-3. ``--train-seconds 120``: train ``PrototypicalNetwork()`` (defaults, Adam
-   1e-3) on 20-way 5-shot Omniglot-train episodes (5 queries per class) for
-   that many seconds of wall time, then report 5-way 1-shot accuracy on 600
-   fixed Omniglot-test episodes (15 queries per class).
+3. ``--train-seconds 120``: train ``PrototypicalNetwork()`` (defaults) on
+   20-way 5-shot Omniglot-train episodes (5 queries per class) with Adam
+   (``--learning-rate``, default 1e-3; ``--decay-over-budget``: the rate falls
+   linearly to 0 over the seconds) for that many seconds of wall time, then
+   report 5-way 1-shot accuracy on 600 fixed episodes (15 queries per class)
+   of Omniglot-test, or of ``--split val`` for choices.
 4. ``--train-episodes 250,500,750``: the same training, measured in episodes
-   instead of seconds (independent of the machine's load): test accuracy and
-   CPU seconds after each number of episodes, one training run.
+   instead of seconds (independent of the machine's load): accuracy and CPU
+   seconds after each number of episodes, one training run
+   (``--decay-episodes N``: the rate falls linearly to 0 over N episodes).
 
 ``--onednn on|off`` sets ``TF_ENABLE_ONEDNN_OPTS`` before TensorFlow is
 imported (default: TensorFlow's own choice, which turns oneDNN on only on
@@ -26,8 +29,10 @@ is off and the convolutions and batch norm take TensorFlow's Eigen kernels,
 Usage::
 
     BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py [--skip-time-to-accuracy]
-    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-seconds 120 [--onednn on]
-    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-episodes 250,500 [--onednn on]
+    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-seconds 120 [--onednn on] \
+        [--learning-rate 4e-3 --decay-over-budget] [--seed 1]
+    BOOKCODE_DATA=/path/to/data python benchmarks/protonet.py --train-episodes 250,500 \
+        --split val [--learning-rate 4e-3 --decay-episodes 1000] [--onednn on]
 
 Prints a Markdown section; paste it under ``## Prototypical networks`` in
 ``benchmarks/RESULTS.md``. The machine is often shared: the load average is
@@ -83,7 +88,7 @@ def onednn() -> str:
     )
 
 
-def make_model(fast: bool | None) -> PrototypicalNetwork:
+def make_model(fast: bool | None, learning_rate: float = 1e-3) -> PrototypicalNetwork:
     """``fast=None``: the defaults; else Conv-4 with or without fused batch norm."""
     if fast is None:
         try:
@@ -93,7 +98,7 @@ def make_model(fast: bool | None) -> PrototypicalNetwork:
     else:
         embedding = nets.conv4(fused_batch_norm=fast, batch_norm_momentum=0.9)
         model = PrototypicalNetwork(embedding)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     return model
 
 
@@ -134,41 +139,79 @@ def time_to_accuracy(train, val, target=0.95, every=25, limit=2000):
     return wall, cpu, None, accuracy
 
 
-def _train_setup():
-    keras.utils.set_random_seed(0)
-    train, test = omniglot("train"), omniglot("test")
-    model = make_model(None)
-    dataset = EpisodeSampler(train, ways=20, shots=5, queries=5, seed=0).tf_dataset()
-    episodes = EpisodeSampler(test, ways=5, shots=1, queries=15).fixed(600, seed=2024)
+def _train_setup(split="test", learning_rate=1e-3, queries=5, decay_episodes=None, seed=0):
+    """The default model, its 20-way 5-shot training episodes and 600 fixed
+    5-way 1-shot episodes of ``split`` (``val`` for choices, ``test`` once).
+    ``decay_episodes``: Adam's rate falls linearly to 0 over that many episodes.
+    ``seed``: the weights' and the training episodes' (the scored episodes are fixed)."""
+    keras.utils.set_random_seed(seed)
+    train, scored = omniglot("train"), omniglot(split)
+    if decay_episodes:
+        learning_rate = keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, decay_episodes, end_learning_rate=0.0
+        )
+    model = make_model(None, learning_rate)
+    dataset = EpisodeSampler(train, ways=20, shots=5, queries=queries, seed=seed).tf_dataset()
+    episodes = EpisodeSampler(scored, ways=5, shots=1, queries=15).fixed(600, seed=2024)
     return model, dataset, episodes
 
 
-def accuracy_after(seconds: float, chunk: int = 25):
+class TimeBudget(keras.callbacks.Callback):
+    """Stops ``fit()`` after ``seconds`` of wall time; with ``decay=True`` the
+    optimiser's rate falls linearly from its initial value to 0 over that
+    time (linear decay to zero over the budget: Li, Yumer & Ramanan 2020,
+    "Budgeted Training: Rethinking Deep Neural Network Training Under
+    Resource Constraints")."""
+
+    def __init__(self, seconds: float, decay: bool = False):
+        super().__init__()
+        self.seconds, self.decay, self.episodes = seconds, decay, 0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self.peak = float(self.model.optimizer.learning_rate.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        left = 1.0 - (time.perf_counter() - self.start) / self.seconds
+        if self.decay:
+            self.model.optimizer.learning_rate.assign(self.peak * max(left, 0.0))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.episodes += 1
+        if time.perf_counter() - self.start >= self.seconds:
+            self.model.stop_training = True
+
+
+def accuracy_after(seconds: float, decay: bool = False, **setup):
     """Train the default model on 20-way 5-shot episodes for ``seconds`` of wall
-    time (in chunks of ``chunk`` episodes), then evaluate 5-way 1-shot on test."""
-    model, dataset, episodes = _train_setup()
+    time (first trace included; ``decay``: see :class:`TimeBudget`), then
+    evaluate 5-way 1-shot (``setup``: the arguments of :func:`_train_setup`)."""
+    model, dataset, episodes = _train_setup(**setup)
     before = load_average()
-    wall, cpu, seen = 0.0, 0.0, 0
-    while wall < seconds:
-        w, c = timed_fit(model, dataset, chunk)
-        wall, cpu = wall + w, cpu + c
-        seen += chunk
+    budget = TimeBudget(seconds, decay)
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.fit(dataset, steps_per_epoch=10**7, epochs=1, verbose=0, callbacks=[budget])
+    wall, cpu, seen = time.perf_counter() - wall, time.process_time() - cpu, budget.episodes
     result = evaluate(model, episodes)
     print(
         f"`PrototypicalNetwork()` trained {wall:.0f} s wall ({cpu:.0f} s CPU, "
         f"{seen / cpu:.2f} episodes per CPU-second), {seen} "
-        f"20-way 5-shot episodes (5 queries): 5-way 1-shot Omniglot test accuracy {result} "
+        f"20-way 5-shot episodes ({setup}, decay over the budget: {decay}): "
+        f"5-way 1-shot Omniglot accuracy {result} "
         f"({onednn()}; load average {before} before, {load_average()} after, "
         f"{os.cpu_count()} CPUs)"
     )
 
 
-def accuracy_curve(counts: list[int], chunk: int = 25):
-    """The training of :func:`accuracy_after`, measured in episodes: test
-    accuracy after each count (one run; evaluation time excluded)."""
-    model, dataset, episodes = _train_setup()
-    print(f"{onednn()}; load average before: {load_average()} ({os.cpu_count()} CPUs)")
-    print("| episodes | training wall s | training CPU s | CPU s per episode | 5-way 1-shot test |")
+def accuracy_curve(counts: list[int], chunk: int = 25, **setup):
+    """The training of :func:`accuracy_after`, measured in episodes: accuracy
+    after each count (one run; evaluation time excluded)."""
+    model, dataset, episodes = _train_setup(**setup)
+    print(f"{setup}; {onednn()}; load average before: {load_average()} ({os.cpu_count()} CPUs)")
+    split = setup.get("split", "test")
+    print(
+        f"| episodes | training wall s | training CPU s | CPU s per episode | 5-way 1-shot {split} |"
+    )
     print("|---|---|---|---|---|")
     wall, cpu, seen = 0.0, 0.0, 0
     for count in sorted(counts):
@@ -188,17 +231,39 @@ def main():
     parser.add_argument("--skip-time-to-accuracy", action="store_true")
     parser.add_argument("--train-seconds", type=float, default=None)
     parser.add_argument("--train-episodes", default=None, help="e.g. 250,500,750")
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="test",
+        help="episodes scored by --train-seconds/--train-episodes (choices: val)",
+    )
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's rate")
+    parser.add_argument("--queries", type=int, default=5, help="per class, training episodes")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (--train-*)")
+    parser.add_argument(
+        "--decay-over-budget",
+        action="store_true",
+        help="with --train-seconds: Adam's rate falls linearly to 0 over them",
+    )
+    parser.add_argument(
+        "--decay-episodes",
+        type=int,
+        default=None,
+        help="Adam's rate falls linearly to 0 over this many episodes",
+    )
     parser.add_argument("--onednn", choices=("default", "on", "off"), default="default",
                         help="TF_ENABLE_ONEDNN_OPTS for this run (default: TensorFlow's choice)")  # fmt: skip
     args = parser.parse_args()
     # not bookcode.notebook.setup(): its op determinism would make the
     # comparison with other versions of the package depend on their setup()
     keras.utils.set_random_seed(0)
+    names = ("split", "learning_rate", "queries", "decay_episodes", "seed")
+    setup = {name: getattr(args, name) for name in names}
     if args.train_seconds:
-        accuracy_after(args.train_seconds)
+        accuracy_after(args.train_seconds, args.decay_over_budget, **setup)
         return
     if args.train_episodes:
-        accuracy_curve([int(n) for n in args.train_episodes.split(",")])
+        accuracy_curve([int(n) for n in args.train_episodes.split(",")], **setup)
         return
     train, val = omniglot("train"), omniglot("val")
 

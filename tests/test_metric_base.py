@@ -165,6 +165,13 @@ def test_compile_refuses_loss_and_metrics_clearly():
     model.compile(optimizer="adam")
 
 
+def test_default_optimizer_is_adam_at_snell_rate():
+    model = PrototypicalNetwork(flat_identity((2,)))
+    model.compile()
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
+
+
 def test_predict_episode_input_errors():
     model = PrototypicalNetwork(flat_identity((2,)))
     x = np.zeros((3, 2), np.float32)

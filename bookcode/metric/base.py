@@ -192,9 +192,10 @@ class FewShotClassifier(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker]
 
-    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
+    def compile(self, optimizer="adam", loss=None, loss_weights=None, metrics=None,
                 weighted_metrics=None, **kwargs):  # fmt: skip
-        """Keras's ``compile``; ``loss`` and ``metrics`` are refused (see the module)."""
+        """Keras's ``compile``, with Adam (rate 1e-3, Snell et al. 2017) as the
+        default optimiser; ``loss`` and ``metrics`` are refused (see the module)."""
         if loss is not None or loss_weights is not None:
             raise ValueError(
                 f"{type(self).__name__} computes its own loss: override episode_loss() "
