@@ -6,8 +6,10 @@ Environment variables (all optional):
 - ``BOOKCODE_PROFILE``: ``quick`` (default: every notebook runs in at most 5
   minutes on a 2-core CPU) or ``full`` (the papers' settings, meant for a GPU).
 - ``BOOKCODE_SEED``: overrides the seed a notebook passes to :func:`setup`.
-- ``BOOKCODE_PRECISION``: ``float32`` or ``bfloat16`` (read by
-  :func:`bookcode.nets.fast_precision`; the default is the fastest here).
+- ``BOOKCODE_PRECISION``: ``float32`` (default: the precision the stored
+  notebooks were executed in, so a run reproduces them on any CPU) or
+  ``bfloat16`` (mixed precision; faster on CPUs with AVX512-BF16 or AMX, where
+  :func:`setup` says so, with other numbers).
 - ``BOOKCODE_DETERMINISTIC``: ``0`` skips op determinism (on by default).
 - ``BOOKCODE_CHECKS``: a file to which :func:`check` appends one JSON line per
   checked quantity (``benchmarks/multirun.py`` reads it).
@@ -94,7 +96,8 @@ def setup(seed: int = 0) -> str:
     Seeds Python, NumPy and Keras (``$BOOKCODE_SEED`` overrides ``seed``),
     turns on TensorFlow's op determinism so that a run repeats exactly on one
     machine (``BOOKCODE_DETERMINISTIC=0`` turns it off), sets the Keras dtype
-    policy to :func:`bookcode.nets.fast_precision` (``$BOOKCODE_PRECISION``),
+    policy to float32, or to mixed bfloat16 when ``$BOOKCODE_PRECISION`` asks
+    for it (:func:`bookcode.nets.fast_precision`),
     asks for TensorFlow's oneDNN CPU kernels (``$TF_ENABLE_ONEDNN_OPTS``,
     above), sets readable plot defaults, and prints one line: profile, seed,
     device, precision and whether oneDNN is on.
@@ -140,7 +143,7 @@ def setup(seed: int = 0) -> str:
     keras.utils.set_random_seed(seed)
     deterministic = os.environ.get(DETERMINISTIC_VAR, "1").strip() not in ("0", "false", "no")
     _set_op_determinism(deterministic)
-    precision = nets.fast_precision()
+    precision, hint = _precision(nets)
     keras.mixed_precision.set_global_policy(precision)
     _plot_defaults()
     print(
@@ -148,8 +151,21 @@ def setup(seed: int = 0) -> str:
         + f", oneDNN {'on' if nets.onednn_enabled() else 'off'}"
         + ("" if deterministic else ", op determinism off")
         + _distribution()
+        + hint
     )
     return profile()
+
+
+def _precision(nets) -> tuple[str, str]:
+    """The dtype policy for a notebook and a note for :func:`setup`'s line:
+    float32 unless ``$BOOKCODE_PRECISION`` chooses, because bfloat16 changes
+    the results (a notebook's stored outputs and thresholds are float32 runs);
+    the note says when this CPU would train faster in bfloat16."""
+    if os.environ.get(PRECISION_VAR):
+        return nets.fast_precision(), ""
+    if nets.fast_precision() == "mixed_bfloat16":
+        return "float32", f"; {PRECISION_VAR}=bfloat16 trains faster on this CPU"
+    return "float32", ""
 
 
 def _distribution() -> str:

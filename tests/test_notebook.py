@@ -60,7 +60,7 @@ def test_setup_environment_overrides(monkeypatch, capsys, restore_tensorflow_sta
 
     monkeypatch.setenv(notebook.SEED_VAR, "7")
     monkeypatch.setenv(notebook.DETERMINISTIC_VAR, "0")
-    monkeypatch.setattr(nets, "fast_precision", lambda: "mixed_bfloat16")
+    monkeypatch.setenv(notebook.PRECISION_VAR, "bfloat16")
     notebook.setup(seed=3)
     out = capsys.readouterr().out
     assert "seed 7" in out and "precision mixed_bfloat16" in out and "determinism off" in out
@@ -69,6 +69,20 @@ def test_setup_environment_overrides(monkeypatch, capsys, restore_tensorflow_sta
     first = np.random.rand()
     np.random.seed(7)
     assert np.random.rand() == first
+
+
+def test_setup_computes_in_float32_unless_asked(monkeypatch, capsys, restore_tensorflow_state):
+    import keras
+
+    monkeypatch.delenv(notebook.PRECISION_VAR, raising=False)
+    monkeypatch.setattr(nets, "fast_precision", lambda: "mixed_bfloat16")  # a bfloat16 CPU
+    notebook.setup(seed=3)
+    out = capsys.readouterr().out
+    assert "precision float32" in out and "BOOKCODE_PRECISION=bfloat16 trains faster" in out
+    assert keras.mixed_precision.global_policy().name == "float32"
+    monkeypatch.setattr(nets, "fast_precision", lambda: "float32")  # a CPU without it
+    notebook.setup(seed=3)
+    assert "trains faster" not in capsys.readouterr().out
 
 
 def test_seeded_follows_the_seed_variable(monkeypatch, capsys, restore_tensorflow_state):
