@@ -148,10 +148,10 @@ def setup(seed: int = 0) -> str:
     _plot_defaults()
     print(
         f"bookcode: profile {profile()}, seed {seed}, {device_name()}, precision {precision}"
+        + hint
         + f", oneDNN {'on' if nets.onednn_enabled() else 'off'}"
         + ("" if deterministic else ", op determinism off")
         + _distribution()
-        + hint
     )
     return profile()
 
@@ -164,7 +164,7 @@ def _precision(nets) -> tuple[str, str]:
     if os.environ.get(PRECISION_VAR):
         return nets.fast_precision(), ""
     if nets.fast_precision() == "mixed_bfloat16":
-        return "float32", f"; {PRECISION_VAR}=bfloat16 trains faster on this CPU"
+        return "float32", f" ({PRECISION_VAR}=bfloat16 trains faster on this CPU)"
     return "float32", ""
 
 
