@@ -172,8 +172,8 @@ class TimeBudget(keras.callbacks.Callback):
         self.peak = float(self.model.optimizer.learning_rate.numpy())
 
     def on_train_batch_begin(self, batch, logs=None):
-        left = 1.0 - (time.perf_counter() - self.start) / self.seconds
         if self.decay:
+            left = 1.0 - (time.perf_counter() - self.start) / self.seconds
             self.model.optimizer.learning_rate.assign(self.peak * max(left, 0.0))
 
     def on_train_batch_end(self, batch, logs=None):
