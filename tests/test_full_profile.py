@@ -73,6 +73,7 @@ FULL_ONLY = {
     },
     "04_relation_and_matching_networks": {
         "relation_episodes": COUNT,
+        "relation_halve_every": NOTEBOOK,  # the notebook's adam(): staircase halving, quick: linear decay
         "matching_episodes": COUNT,
         "baseline_episodes": COUNT,
         "episodes_per_epoch": COUNT,
