@@ -132,6 +132,7 @@ FULL_ONLY = {
         "omni_meta_batch": BATCH,
         "omni_iterations": COUNT,
         "omni_meta_lr": COUNT,
+        "msgd_rate_range": COUNT,  # Meta-SGD's initial inner rates: learning rates
         "train_queries": "test_maml_omniglot_full_configuration",
         "reptile_iterations": COUNT,
         "reptile_inner_lr": COUNT,
