@@ -136,6 +136,7 @@ FULL_ONLY = {
         "train_queries": "test_maml_omniglot_full_configuration",
         "reptile_iterations": COUNT,
         "reptile_inner_lr": COUNT,
+        "reptile_test_lr": COUNT,
         "test_episodes": COUNT,
         "val_episodes": COUNT,
     },
