@@ -163,9 +163,11 @@ def test_fit_applies_the_weighted_sum_of_task_updates(name):
     learner = LEARNERS[name]()
     batch = tiny_batch()
     before = [v.numpy() for v in learner.meta_variables]
-    _, task_updates = learner.task_gradients(*(tf.constant(a) for a in batch))
+    _, task_updates, inner = learner.task_gradients(
+        *(tf.constant(a) for a in batch), inner_updates=True
+    )
     task_updates = [g.numpy() for g in task_updates]
-    w = agreement_weights(task_updates).numpy()
+    w = agreement_weights(inner).numpy()  # the paper's: weights from theta - theta'_i
     assert not np.allclose(w, w[0]), "the tasks should disagree for this test to mean anything"
 
     learner.compile(keras.optimizers.SGD(1.0))
@@ -178,6 +180,49 @@ def test_fit_applies_the_weighted_sum_of_task_updates(name):
     # the hook: the weights of the meta-batch, as they are, reach the callback
     assert log.values.shape == (1, 4)
     np.testing.assert_allclose(log.values[0], w, rtol=1e-6)
+
+
+def test_inner_updates_by_hand():
+    """MAML's inner update after one SGD step is inner_lr times the support
+    gradient; Reptile's is its task update; both with a leading task axis."""
+    learner = meta.MAML(tiny_net(), inner_lr=0.5, first_order=False, combiner=gradient_agreement)
+    sx, sy, qx, qy = tiny_batch()
+    _, _, inner = learner.task_gradients(*map(tf.constant, (sx, sy, qx, qy)), inner_updates=True)
+    for i in range(len(sx)):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(
+                sy[i], learner.model(sx[i]), from_logits=True
+            )
+            loss = tf.reduce_mean(loss)
+        grads = tape.gradient(loss, learner.model.trainable_variables)
+        for g, u in zip(grads, inner):
+            np.testing.assert_allclose(u[i].numpy(), 0.5 * g.numpy(), rtol=1e-9, atol=1e-12)
+    reptile = LEARNERS["Reptile"]()
+    _, updates, inner = reptile.task_gradients(*map(tf.constant, (sx, sy, qx, qy)), inner_updates=True)
+    for u, v in zip(updates, inner):
+        np.testing.assert_array_equal(u.numpy(), v.numpy())
+
+
+def test_weighing_by_task_updates_or_inner_updates_differs():
+    """The two sources give different weights on the same meta-batch, and each
+    learner applies the weights of the source its combiner names."""
+    batch = tiny_batch()
+    tensors = [tf.constant(a) for a in batch]
+    dataset = tf.data.Dataset.from_tensors(((batch[0], batch[1], batch[2]), batch[3]))
+    weights = {}
+    for weigh_by in ("inner_updates", "task_updates"):
+        learner = meta.MAML(tiny_net(), inner_lr=0.5, first_order=True,
+                            combiner=GradientAgreement(weigh_by))  # fmt: skip
+        _, grads, inner = learner.task_gradients(*tensors, inner_updates=True)
+        expected = agreement_weights(inner if weigh_by == "inner_updates" else grads).numpy()
+        learner.compile(keras.optimizers.SGD(1.0))
+        log = AgreementLog()
+        learner.fit(dataset, verbose=0, callbacks=[log])
+        np.testing.assert_allclose(log.values[0], expected, rtol=1e-6)
+        weights[weigh_by] = expected
+    assert np.abs(weights["inner_updates"] - weights["task_updates"]).max() > 1e-3
+    with pytest.raises(ValueError, match="weigh_by"):
+        GradientAgreement("gradients")
 
 
 def test_agreement_log_over_several_batches_and_fits():
@@ -233,6 +278,7 @@ def test_learner_with_agreement_saves_and_loads(tmp_path):
     learner.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.combiner, GradientAgreement)
+    assert loaded.combiner.weigh_by == "inner_updates"
     np.testing.assert_allclose(
         loaded.predict_episode(batch[0][0], batch[1][0], batch[2][0]),
         learner.predict_episode(batch[0][0], batch[1][0], batch[2][0]),

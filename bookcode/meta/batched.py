@@ -227,12 +227,13 @@ def _per_task(fn, *arrays):
     return tf.vectorized_map(lambda task: fn(*task), arrays)
 
 
-def task_gradients(learner, support_x, support_y, query_x, query_y):
+def task_gradients(learner, support_x, support_y, query_x, query_y, inner_updates=False):
     """:meth:`~bookcode.meta.GradientMetaLearner.task_gradients` of a
     learner with the default task objective, all tasks as one computation:
     per-task results (dict of (tasks,) tensors) and per-task meta-gradients
     (leading task axis), the gradients with respect to the meta-weights tiled
-    along the task axis."""
+    along the task axis; with ``inner_updates``, also each task's
+    ``theta - theta'``."""
     variables = learner.meta_variables
     tasks = tf.shape(support_y)[0]
     tiled = [tf.tile(v.value[None], [tasks] + [1] * len(v.shape)) for v in variables]
@@ -258,4 +259,8 @@ def task_gradients(learner, support_x, support_y, query_x, query_y):
         results = learner._checked_results(results, tiled[0].dtype)
         total = tf.reduce_sum(results["loss"])
     grads = tape.gradient(total, tiled, unconnected_gradients=tf.UnconnectedGradients.NONE)
-    return results, learner._check_meta_gradients(grads, tiled, variables)
+    grads = learner._check_meta_gradients(grads, tiled, variables)
+    if not inner_updates:
+        return results, grads
+    initial = learner.initial_fast_weights(tiled)
+    return results, grads, [tf.stop_gradient(w - f) for w, f in zip(initial, fast)]

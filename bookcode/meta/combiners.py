@@ -6,10 +6,17 @@ applies. A combiner passed to a learner must serialise: a function
 registered with ``keras.saving.register_keras_serializable`` or a registered
 class with ``get_config``.
 
+A combiner whose attribute ``uses_inner_updates`` is true is called
+``combiner(task_grads, inner_updates)``: ``inner_updates`` holds each task's
+inner-loop update ``theta - theta'_i`` (one tensor per fast weight, leading
+task axis; :meth:`~bookcode.meta.GradientMetaLearner.inner_update`).
+
 A combiner may also have a method ``batch_logs(task_grads) -> dict`` of
-tensors: the learner's ``train_step`` returns them with its logs, one value
-per meta-batch as they are (not averaged over the epoch), so a callback's
-``on_train_batch_end`` sees them (e.g. :class:`~bookcode.meta.AgreementLog`).
+tensors (``batch_logs(task_grads, inner_updates)`` with
+``uses_inner_updates``): the learner's ``train_step`` returns them with its
+logs, one value per meta-batch as they are (not averaged over the epoch), so
+a callback's ``on_train_batch_end`` sees them (e.g.
+:class:`~bookcode.meta.AgreementLog`).
 """
 
 from __future__ import annotations
@@ -76,39 +83,63 @@ def agreement_weights(task_updates):
     return tf.where(total > 0, rows / safe, tf.ones_like(rows) / tasks)
 
 
+WEIGHING = ("inner_updates", "task_updates")
+
+
 @keras.saving.register_keras_serializable(package="bookcode")
 class GradientAgreement:
     """The gradient-agreement combiner (Eshratifar, Eigen & Pedram 2018):
-    ``sum_i w_i g_i`` with the weights of :func:`agreement_weights`, which are
-    treated as constants in the meta-gradient (``tf.stop_gradient``). For
-    MAML ``g_i`` is task i's meta-gradient; for Reptile it is its update
-    ``theta - theta'_i``. Equal updates give equal weights ``1 / tasks`` and
-    the mean, as without agreement.
+    ``sum_i w_i g_i``, where ``g_i`` is task i's meta-gradient (MAML) or
+    update ``theta - theta'_i`` (Reptile), with the weights of
+    :func:`agreement_weights`, treated as constants in the meta-gradient
+    (``tf.stop_gradient``). Equal updates give equal weights ``1 / tasks``
+    and the mean, as without agreement.
+
+    ``weigh_by="inner_updates"`` (the paper's algorithm 1): the weights come
+    from the tasks' inner-loop updates ``theta - theta'_i``, the learner
+    passes them (for Reptile they are its task updates);
+    ``"task_updates"``: from the ``g_i`` themselves. Called directly, the
+    weights come from ``inner_updates`` when given, else from ``task_grads``.
 
     ``batch_logs`` reports each meta-batch's weights as ``agreement_weights``
     (shape (tasks,)); :class:`~bookcode.meta.AgreementLog` collects them
-    during ``fit()``. Use the instance :data:`bookcode.meta.gradient_agreement`.
+    during ``fit()``. :data:`bookcode.meta.gradient_agreement` is the paper's.
     """
 
-    def __call__(self, task_grads):
+    def __init__(self, weigh_by: str = "inner_updates"):
+        if weigh_by not in WEIGHING:
+            raise ValueError(f"weigh_by must be one of {WEIGHING}, got {weigh_by!r}")
+        self.weigh_by = weigh_by
+
+    @property
+    def uses_inner_updates(self) -> bool:
+        return self.weigh_by == "inner_updates"
+
+    def weights(self, task_grads, inner_updates=None):
+        """The agreement weights, shape (tasks,), of ``inner_updates`` when
+        given, else of ``task_grads``."""
+        return agreement_weights(task_grads if inner_updates is None else inner_updates)
+
+    def __call__(self, task_grads, inner_updates=None):
         task_grads = _check_task_updates(task_grads)
-        weights = tf.stop_gradient(agreement_weights(task_grads))
+        weights = tf.stop_gradient(self.weights(task_grads, inner_updates))
         return [tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) for g in task_grads]
 
-    def batch_logs(self, task_grads) -> dict:
+    def batch_logs(self, task_grads, inner_updates=None) -> dict:
         """``{"agreement_weights": weights}`` of this meta-batch."""
-        return {"agreement_weights": agreement_weights(task_grads)}
+        return {"agreement_weights": self.weights(task_grads, inner_updates)}
 
     def get_config(self):
-        return {}
+        return {"weigh_by": self.weigh_by}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return "GradientAgreement()"
+        return f"GradientAgreement(weigh_by={self.weigh_by!r})"
 
 
 gradient_agreement = GradientAgreement()
-"""The gradient-agreement combiner: ``MAML(model, combiner=gradient_agreement)``."""
+"""The gradient-agreement combiner, weights from the inner updates as in the
+paper: ``MAML(model, combiner=gradient_agreement)``."""

@@ -302,10 +302,29 @@ class GradientMetaLearner(keras.Model):
         task is differentiated alone and the gradients are combined."""
         raise NotImplementedError
 
-    def combine_gradients(self, task_grads):
+    def combine_gradients(self, task_grads, inner_updates=None):
         """One gradient per meta-variable from the per-task ones (leading
-        task axis), by ``combiner`` (default: the mean)."""
+        task axis), by ``combiner`` (default: the mean); a combiner that
+        weighs tasks by their inner updates also gets ``inner_updates``."""
+        if self._combiner_uses_inner_updates():
+            return self.combiner(task_grads, inner_updates)
         return (self.combiner or mean_gradients)(task_grads)
+
+    def _combiner_uses_inner_updates(self):
+        return bool(getattr(self.combiner, "uses_inner_updates", False))
+
+    task_update_is_inner_update = False
+    """True when :meth:`task_update` already returns ``theta - theta'`` (Reptile)."""
+
+    def inner_update(self, meta_weights, task):
+        """``theta - theta'``: the initial minus the adapted fast weights after
+        ``inner_steps`` steps on the task's support set, one tensor per fast
+        weight, a constant for differentiation. Gradient agreement weighs
+        MAML's tasks by it (Eshratifar, Eigen & Pedram 2018, algorithm 1)."""
+        meta_weights = [tf.stop_gradient(w) for w in meta_weights]
+        fast, _ = self.adapt_task(meta_weights, task[0], task[1], self.inner_steps, True)
+        initial = self.initial_fast_weights(meta_weights)
+        return [tf.stop_gradient(w - f) for w, f in zip(initial, fast)]
 
     # -- training ---------------------------------------------------------------
 
@@ -348,23 +367,32 @@ class GradientMetaLearner(keras.Model):
     def _results_signature(self, dtype):
         return {k: tf.TensorSpec((), dtype) for k in self.objective_keys}
 
-    def task_gradients(self, support_x, support_y, query_x, query_y):
+    def task_gradients(self, support_x, support_y, query_x, query_y, inner_updates=False):
         """Per-task results (dict of (tasks,) tensors) and meta-gradients (one
         tensor per meta-variable with a leading task axis), each from
         :meth:`task_update`, or all at once (:mod:`bookcode.meta.batched`) when
-        tasks are batched."""
+        tasks are batched. ``inner_updates=True`` adds a third value, each
+        task's :meth:`inner_update` (leading task axis)."""
         if self._batches_tasks():
-            return batched.task_gradients(self, support_x, support_y, query_x, query_y)
+            return batched.task_gradients(
+                self, support_x, support_y, query_x, query_y, inner_updates=inner_updates
+            )
         variables = self.meta_variables
         meta_weights = [v.value for v in variables]
 
         def one_task(task):
-            return self.task_update([tf.identity(w) for w in meta_weights], task)
+            weights = [tf.identity(w) for w in meta_weights]
+            results, update = self.task_update(weights, task)
+            if not inner_updates:
+                return results, update
+            if self.task_update_is_inner_update:
+                return results, update, update
+            return results, update, self.inner_update(weights, task)
 
-        signature = (
-            self._results_signature(meta_weights[0].dtype),
-            [tf.TensorSpec(w.shape, w.dtype) for w in meta_weights],
-        )
+        specs = lambda weights: [tf.TensorSpec(w.shape, w.dtype) for w in weights]  # noqa: E731
+        signature = (self._results_signature(meta_weights[0].dtype), specs(meta_weights))
+        if inner_updates:
+            signature += (specs(self.initial_fast_weights(meta_weights)),)
         return self._map_tasks(one_task, (support_x, support_y, query_x, query_y), signature)
 
     def task_update(self, meta_weights, task):
@@ -412,23 +440,26 @@ class GradientMetaLearner(keras.Model):
         grads = tape.gradient(share, weights, unconnected_gradients=tf.UnconnectedGradients.NONE)
         return results, objective, self._check_meta_gradients(grads, weights, variables)
 
-    def _replicated_combination(self, task_grads, local_tasks):
-        """``(gradient, task_grads)`` such that the optimiser's sum over the
-        replicas of a ``tf.distribute`` strategy gives the combined gradient of
-        the whole meta-batch (on one device: just :meth:`combine_gradients`).
-        The mean takes each replica's share of it; any other combiner sees
-        every replica's tasks (:func:`bookcode.distribute.gather_tasks`)."""
+    def _replicated_combination(self, task_grads, local_tasks, inner_updates=None):
+        """``(gradient, task_grads, inner_updates)`` such that the optimiser's
+        sum over the replicas of a ``tf.distribute`` strategy gives the
+        combined gradient of the whole meta-batch (on one device: just
+        :meth:`combine_gradients`). The mean takes each replica's share of it;
+        any other combiner sees every replica's tasks
+        (:func:`bookcode.distribute.gather_tasks`)."""
         replicas = distribute.replica_count()
         if replicas == 1:
-            return self.combine_gradients(task_grads), task_grads
+            return self.combine_gradients(task_grads, inner_updates), task_grads, inner_updates
         plain_mean = self.combiner is None and (
             type(self).combine_gradients is GradientMetaLearner.combine_gradients
         )
         if plain_mean:
             share = distribute.replica_share(local_tasks)
-            return distribute.scale(self.combine_gradients(task_grads), share), task_grads
-        task_grads = distribute.gather_tasks(task_grads)
-        return distribute.scale(self.combine_gradients(task_grads), 1.0 / replicas), task_grads
+            combined = distribute.scale(self.combine_gradients(task_grads), share)
+            return combined, task_grads, inner_updates
+        task_grads, inner_updates = distribute.gather_tasks((task_grads, inner_updates))
+        combined = self.combine_gradients(task_grads, inner_updates)
+        return distribute.scale(combined, 1.0 / replicas), task_grads, inner_updates
 
     def train_step(self, data):
         (support_x, support_y, query_x), query_y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -437,12 +468,18 @@ class GradientMetaLearner(keras.Model):
             results, objective, grads = self.batch_gradients(support_x, support_y, query_x, query_y)
             logs["batch_objective"] = objective
         else:
-            results, task_grads = self.task_gradients(support_x, support_y, query_x, query_y)
-            grads, task_grads = self._replicated_combination(task_grads, tf.shape(support_y)[0])
-            # a combiner's batch_logs(task_grads) (e.g. gradient-agreement weights) are
-            # returned as they are, one value per meta-batch, for callbacks to read
+            uses_inner = self._combiner_uses_inner_updates()
+            results, task_grads, *inner = self.task_gradients(
+                support_x, support_y, query_x, query_y, inner_updates=uses_inner
+            )
+            grads, task_grads, inner = self._replicated_combination(
+                task_grads, tf.shape(support_y)[0], inner[0] if inner else None
+            )
+            # a combiner's batch_logs (e.g. gradient-agreement weights) are returned
+            # as they are, one value per meta-batch, for callbacks to read
             if hasattr(self.combiner, "batch_logs"):
-                per_batch = dict(self.combiner.batch_logs(task_grads))
+                args = (task_grads, inner) if uses_inner else (task_grads,)
+                per_batch = dict(self.combiner.batch_logs(*args))
         self.optimizer.apply(grads, self.meta_variables)
         logs = self._log({**{k: tf.reduce_mean(v) for k, v in results.items()}, **logs})
         return {**logs, **per_batch}

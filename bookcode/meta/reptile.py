@@ -95,6 +95,12 @@ class Reptile(GradientMetaLearner):
         )
         return keras.optimizers.SGD(schedule)
 
+    task_update_is_inner_update = True
+
+    def inner_update(self, meta_weights, task):
+        """Reptile's task update ``theta - phi`` (:meth:`task_update`)."""
+        return self.task_update(meta_weights, task)[1]
+
     @property
     def first_order(self) -> bool:
         return True
