@@ -21,8 +21,10 @@ Environment variables (all optional):
   (``benchmarks/RESULTS.md``). ``0`` keeps TensorFlow's Eigen kernels.
 - ``BOOKCODE_DISTRIBUTE``: ``1`` trains on every visible GPU when there are
   several (``tf.distribute.MirroredStrategy``, see :mod:`bookcode.distribute`;
-  learners then need meta-batches, ``tf_dataset(batch_size=...)``). Off by
-  default; :func:`setup` says when several GPUs are visible.
+  learners then need meta-batches, ``tf_dataset(batch_size=...)``), ``0`` on
+  one. Unset: on in the ``full`` profile of a notebook whose learners all
+  train on meta-batches (``setup(meta_batches=True)``), off otherwise;
+  :func:`setup` says which.
 """
 
 from __future__ import annotations
@@ -90,8 +92,13 @@ def seeded(n: int) -> int:
     return (n + _seed_offset) % 2**31
 
 
-def setup(seed: int = 0) -> str:
+def setup(seed: int = 0, meta_batches: bool = False) -> str:
     """Prepare a chapter notebook; returns the profile (``"quick"`` or ``"full"``).
+
+    ``meta_batches=True`` says that every ``fit()`` of the notebook takes
+    meta-batches (or plain batches): then the ``full`` profile trains on
+    every visible GPU when there are several (``$BOOKCODE_DISTRIBUTE``,
+    above).
 
     Seeds Python, NumPy and Keras (``$BOOKCODE_SEED`` overrides ``seed``),
     turns on TensorFlow's op determinism so that a run repeats exactly on one
@@ -151,7 +158,7 @@ def setup(seed: int = 0) -> str:
         + hint
         + f", oneDNN {'on' if nets.onednn_enabled() else 'off'}"
         + ("" if deterministic else ", op determinism off")
-        + _distribution()
+        + _distribution(meta_batches)
     )
     return profile()
 
@@ -168,9 +175,10 @@ def _precision(nets) -> tuple[str, str]:
     return "float32", ""
 
 
-def _distribution() -> str:
+def _distribution(meta_batches: bool = False) -> str:
     """Install ``MirroredStrategy`` over the visible GPUs when there are several
-    and ``$BOOKCODE_DISTRIBUTE`` is 1; the note for :func:`setup`'s line."""
+    and ``$BOOKCODE_DISTRIBUTE`` is 1, or is unset in the full profile of a
+    notebook that trains on meta-batches; the note for :func:`setup`'s line."""
     import tensorflow as tf
 
     from bookcode import distribute
@@ -178,7 +186,9 @@ def _distribution() -> str:
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) < 2:
         return ""
-    if os.environ.get(DISTRIBUTE_VAR, "0").strip() not in ("1", "true", "yes"):
+    setting = os.environ.get(DISTRIBUTE_VAR, "").strip().lower()
+    wanted = setting in ("1", "true", "yes") if setting else meta_batches and profile() == "full"
+    if not wanted:
         return f"; {DISTRIBUTE_VAR}=1 trains on all {len(gpus)} GPUs"
     strategy = distribute.strategy()
     tf.distribute.experimental_set_strategy(strategy)

@@ -389,3 +389,44 @@ def test_setup_offers_the_strategy_when_several_gpus_are_visible(monkeypatch):
     assert notebook._distribution() == "; BOOKCODE_DISTRIBUTE=1 trains on all 2 GPUs"
     monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: fake[:1])
     assert notebook._distribution() == ""
+
+
+def test_full_profile_of_a_meta_batch_notebook_distributes_by_itself(monkeypatch):
+    """Several GPUs: the full profile of a notebook that trains on meta-batches
+    installs MirroredStrategy unless BOOKCODE_DISTRIBUTE=0; the quick profile,
+    and notebooks that train on single episodes, only when asked."""
+    import tensorflow as tf
+
+    from bookcode import distribute, notebook
+
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+    class Strategy:
+        num_replicas_in_sync = 2
+
+    installed = []
+    monkeypatch.setattr(
+        tf.config, "list_logical_devices", lambda kind=None: [Device("/device:GPU:0"), Device("/device:GPU:1")]
+    )
+    monkeypatch.setattr(distribute, "strategy", lambda devices=None: Strategy())
+    monkeypatch.setattr(tf.distribute, "experimental_set_strategy", installed.append)
+    on, off = ", MirroredStrategy over 2 GPUs", "; BOOKCODE_DISTRIBUTE=1 trains on all 2 GPUs"
+    cases = [  # (profile, BOOKCODE_DISTRIBUTE, meta_batches) -> note
+        (("full", None, True), on),
+        (("full", "0", True), off),
+        (("full", None, False), off),
+        (("full", "1", False), on),
+        (("quick", None, True), off),
+        (("quick", "1", True), on),
+    ]
+    for (profile, setting, meta_batches), note in cases:
+        monkeypatch.setenv(notebook.PROFILE_VAR, profile)
+        if setting is None:
+            monkeypatch.delenv(notebook.DISTRIBUTE_VAR, raising=False)
+        else:
+            monkeypatch.setenv(notebook.DISTRIBUTE_VAR, setting)
+        before = len(installed)
+        assert notebook._distribution(meta_batches) == note, (profile, setting, meta_batches)
+        assert len(installed) - before == (note == on)
