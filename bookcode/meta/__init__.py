@@ -37,8 +37,9 @@ saved with ``save()``/``keras.models.load_model``, all with
 The tasks of a meta-batch run inside one compiled ``tf.function`` through
 ``tf.map_fn``, each returning its own meta-gradient, which a ``combiner``
 merges (default :func:`mean_gradients`; :data:`gradient_agreement`, Eshratifar,
-Eigen & Pedram 2018, weighs each task by its agreement with the others,
-:func:`agreement_weights`, which :class:`AgreementLog` records during ``fit()``).
+Eigen & Pedram 2018, weighs each task by the agreement of its inner update
+``theta - theta'_i`` with the others', :func:`agreement_weights`, which
+:class:`AgreementLog` records during ``fit()``).
 With ``task_batching="batched"`` (the default ``"auto"`` on a GPU) MAML and
 Meta-SGD run the meta-batch's tasks as one computation instead
 (:func:`task_forward`, one grouped convolution for every task's Conv-4).
