@@ -24,9 +24,13 @@ average at the start, and the peak resident memory of the process.
     BOOKCODE_DATA=... .venv/bin/python benchmarks/maml.py [--iterations 6] [--parallel-tasks 4]
         [--task-batching auto|map|batched]
 
-``--task-batching`` is the learners' option (MAML, Meta-SGD): the meta-batch's
-tasks mapped one by one (``map``) or run as one batched computation
-(``batched``, bookcode.meta.batched); Reptile always maps.
+``--task-batching`` is the learners' option (MAML, Meta-SGD, Reptile): the
+meta-batch's tasks mapped one by one (``map``) or run as one batched
+computation (``batched``, bookcode.meta.batched).
+
+When a Meta-SGD workload runs with its MAML twin (``metasgd-so-32x1`` and
+``so-32x1``, ...), the last lines give Meta-SGD's CPU time per meta-step over
+MAML's (issue 16's target: at most 1.1x).
 
 Before/after a change: run it with PYTHONPATH=/path/to/old/checkout first, then
 without (the "code" field says which bookcode was measured).
@@ -78,7 +82,7 @@ def run_one(
         shots, queries = 10, 1
         maml = meta.Reptile(
             network, inner_lr=1e-3, inner_steps=cfg["steps"], inner_batch=10,
-            parallel_tasks=parallel_tasks,
+            parallel_tasks=parallel_tasks, task_batching=task_batching,
         )  # fmt: skip
         maml.compile(meta.Reptile.annealed_sgd(1.0, 0.0, 100000))
     else:
@@ -120,7 +124,8 @@ def run_one(
         "rss_before_mb": round(rss_before / 1024),
         "parallel_tasks": parallel_tasks,
         "fast": fast,
-        "task_batching": task_batching if learner != "reptile" else "map",
+        "task_batching": "batched" if maml._batches_tasks() else "map",
+        "cpu_s_per_iteration": round(cpu / iterations, 4),
         "code": os.path.dirname(os.path.dirname(bookcode.__file__)),
     }
 
@@ -152,6 +157,7 @@ def main():
         )
         return
     print(f"cores: {os.cpu_count()}  load average: {os.getloadavg()[0]:.1f}")
+    measured = {}
     for name in args.workloads:
         out = subprocess.run(
             [sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),
@@ -160,7 +166,15 @@ def main():
             + ["--fast"] * args.fast,
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        print(out.stdout.strip().splitlines()[-1], flush=True)
+        line = out.stdout.strip().splitlines()[-1]
+        measured[name] = json.loads(line)
+        print(line, flush=True)
+    for name, result in measured.items():
+        twin = measured.get(name.removeprefix("metasgd-"))
+        if name.startswith("metasgd-") and twin is not None:
+            ratio = result["cpu_s_per_iteration"] / twin["cpu_s_per_iteration"]
+            print(f"{name} / {twin['workload']}: {ratio:.2f}x the CPU time per meta-step "
+                  "(target: at most 1.1x)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

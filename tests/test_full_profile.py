@@ -134,6 +134,7 @@ FULL_ONLY = {
         "omni_meta_lr": COUNT,
         "msgd_rate_range": COUNT,  # Meta-SGD's initial inner rates: learning rates
         "train_queries": "test_maml_omniglot_full_configuration",
+        "reptile_meta_batch": BATCH,  # the paper's 5 tasks per meta-step (quick: 10)
         "reptile_iterations": COUNT,
         "reptile_inner_lr": COUNT,
         "reptile_test_lr": COUNT,

@@ -122,6 +122,37 @@ def test_meta_sgd_trains_rates_which_may_turn_negative():
 def test_meta_sgd_rejects_bad_rate_range():
     with pytest.raises(ValueError, match="rate_range"):
         meta.MetaSGD(tiny_net(), rate_range=(0.1, 0.01))
+    with pytest.raises(ValueError, match="rate_multiplier"):
+        meta.MetaSGD(tiny_net(), rate_multiplier=0.0)
+
+
+def test_meta_sgd_rate_multiplier_scales_the_rates_steps_only():
+    sx, sy, qx, qy = tiny_task(2)
+    learners = {m: meta.MetaSGD(tiny_net(), rate_seed=5, rate_multiplier=m) for m in (1.0, 10.0)}
+    before = {m: learner.learned_rates() for m, learner in learners.items()}
+    # the same rates and the same adapted model before training
+    for a, b in zip(before[1.0].values(), before[10.0].values()):
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    np.testing.assert_allclose(
+        learners[10.0].predict_episode(sx, sy, qx), learners[1.0].predict_episode(sx, sy, qx),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    for learner in learners.values():
+        learner.compile(keras.optimizers.Adam(1e-3, epsilon=1e-12))
+        learner.train_on_batch((sx[None], sy[None], qx[None]), qy[None])
+    moved = {
+        m: np.concatenate([(r - before[m][k]).ravel() for k, r in learner.learned_rates().items()])
+        for m, learner in learners.items()
+    }
+    # Adam's first step moves every variable by its rate (1e-3): the rates by 10x that
+    big = np.abs(moved[1.0]) > 5e-4
+    assert big.mean() > 0.5
+    np.testing.assert_allclose(moved[10.0][big], 10 * moved[1.0][big], rtol=1e-3)
+    # the weights take the same step
+    for a, b in zip(
+        learners[1.0].model.trainable_variables, learners[10.0].model.trainable_variables
+    ):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -280,6 +311,11 @@ def test_save_and_load(tmp_path):
     for a, b in zip(loaded.rates, learner.rates):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert loaded.rate_range == (0.01, 0.2)
+    faster = meta.MetaSGD(tiny_net(), rate_range=(0.01, 0.2), rate_seed=1, rate_multiplier=4.0)
+    loaded = round_trip(faster, tmp_path, (sx, sy, qx))
+    assert loaded.rate_multiplier == 4.0
+    for a, b in zip(loaded.learned_rates().values(), faster.learned_rates().values()):
+        np.testing.assert_array_equal(a, b)
 
     reptile = meta.Reptile(
         tiny_net(batch_norm=True), inner_lr=0.02, inner_steps=3, inner_batch=4,

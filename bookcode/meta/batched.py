@@ -11,7 +11,9 @@ gradient of the sum of the tasks' losses with respect to weights with a task
 axis is each task's own gradient, so the inner loop runs once for all tasks,
 and the meta-gradient with respect to the meta-weights tiled along the task
 axis is the per-task meta-gradient, exact to second order
-(:func:`task_gradients`).
+(:func:`task_gradients`). Reptile's inner loops run the same way
+(:func:`reptile_updates`), on weights kept in the grouped layout
+(:func:`group_params`) from the first inner step to the last.
 """
 
 from __future__ import annotations
@@ -89,13 +91,17 @@ def check_model(model: keras.Model):
 
 def check_learner(learner):
     """``ValueError`` if ``learner``'s task objective is not the default one
-    (MAML's or Meta-SGD's) or its model has a layer without batched form."""
+    (MAML's or Meta-SGD's) or one it runs batched itself (its
+    ``batched_overrides``, e.g. Reptile's ``task_update``), or its model has a
+    layer without batched form."""
     from .learners import GradientMetaLearner
 
+    own = getattr(type(learner), "batched_overrides", ())  # hooks with a batched form of their own
     overridden = [
         name
         for name in _PER_TASK_HOOKS
-        if getattr(type(learner), name) is not getattr(GradientMetaLearner, name)
+        if name not in own
+        and getattr(type(learner), name) is not getattr(GradientMetaLearner, name)
     ]
     if overridden:
         raise ValueError(
@@ -135,19 +141,34 @@ def _per_channel(weight):
     return tf.reshape(weight, [-1])
 
 
-def grouped_conv2d(x, kernel, strides, padding, dilations, grouped=None):
+def _grouped_kernel(kernel):
+    """[tasks, kh, kw, C, F] -> [kh, kw, C, tasks * F] (the kernel of one
+    grouped convolution, tasks first in the output channels)."""
+    _, kh, kw, channels, _ = kernel.shape
+    return tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, channels, -1])
+
+
+def grouped_conv2d(x, kernel, strides, padding, dilations, grouped=None, filters=None):
     """Each task's convolution at once: ``x`` [N, H, W, tasks * C] in the
-    layout of :func:`_grouped`, ``kernel`` [tasks, kh, kw, C, F]; returns
-    [N, H', W', tasks * F]. One grouped ``tf.nn.conv2d`` where its gradients
-    exist (GPU, or CPU with oneDNN; ``grouped=None`` decides so), else a
-    depthwise convolution summed over each task's input channels."""
-    _, kh, kw, channels, filters = kernel.shape
+    layout of :func:`_grouped`, ``kernel`` [tasks, kh, kw, C, F] (or, with
+    ``filters=F``, already in the grouped layout [kh, kw, C, tasks * F] of
+    :func:`group_params`); returns [N, H', W', tasks * F]. One grouped
+    ``tf.nn.conv2d`` where its gradients exist (GPU, or CPU with oneDNN;
+    ``grouped=None`` decides so), else a depthwise convolution summed over
+    each task's input channels."""
     if grouped is None:
         grouped = onednn_enabled() or bool(tf.config.list_physical_devices("GPU"))
     if grouped:
-        kernel = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, channels, -1])
+        kernel = kernel if filters is not None else _grouped_kernel(kernel)
         return tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
-    kernel = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]), [kh, kw, -1, filters])
+    # the depthwise kernel [kh, kw, tasks * C, F]
+    if filters is not None:
+        kh, kw, channels = kernel.shape[:3]
+        kernel = tf.transpose(tf.reshape(kernel, [kh, kw, channels, -1, filters]), [0, 1, 3, 2, 4])
+    else:
+        _, kh, kw, channels, filters = kernel.shape
+        kernel = tf.transpose(kernel, [1, 2, 0, 3, 4])
+    kernel = tf.reshape(kernel, [kh, kw, -1, filters])
     y = tf.nn.depthwise_conv2d(x, kernel, [1, *strides, 1], padding, dilations=dilations)
     y = tf.reshape(y, _dims(y)[:-1] + [-1, channels, filters])
     return tf.reshape(tf.reduce_sum(y, axis=-2), _dims(y)[:3] + [-1])
@@ -172,19 +193,80 @@ def _batch_norm(layer, h, gamma, beta):
     return tf.cast(outputs, layer.compute_dtype)
 
 
-def task_forward(model: keras.Model, params, x):
+def _channel_layers(model):
+    """``{id(variable): layer}`` of the variables :func:`group_params` lays
+    out per channel: convolution kernels and biases, batch-norm scales and
+    offsets."""
+    found = {}
+    for layer in _layers(model):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.BatchNormalization)):
+            for v in layer.trainable_variables:
+                found[id(v)] = layer
+    return found
+
+
+def group_params(model: keras.Model, params):
+    """The model's trainable tensors with a leading task axis, in the layout
+    :func:`task_forward` uses inside (``grouped=True``): convolution kernels
+    [kh, kw, C, tasks * F], per-channel vectors [tasks * C], dense weights as
+    they are. An elementwise update rule (SGD, Adam) gives the same numbers in
+    either layout; this one saves a transpose per kernel per step."""
+    channel = _channel_layers(model)
+    out = []
+    for v, p in zip(model.trainable_variables, params):
+        if id(v) not in channel:
+            out.append(p)
+        elif len(v.shape) == 4:
+            out.append(_grouped_kernel(p))
+        else:
+            out.append(tf.reshape(p, [-1]))
+    return out
+
+
+def ungroup_params(model: keras.Model, params):
+    """The inverse of :func:`group_params`: tensors with a leading task axis."""
+    channel = _channel_layers(model)
+    out = []
+    for v, p in zip(model.trainable_variables, params):
+        if id(v) not in channel:
+            out.append(p)
+        elif len(v.shape) == 4:
+            kh, kw, c, f = v.shape
+            out.append(tf.transpose(tf.reshape(p, [kh, kw, c, -1, f]), [3, 0, 1, 2, 4]))
+        else:
+            out.append(tf.reshape(p, [-1, *v.shape]))
+    return out
+
+
+def tile_grouped(model: keras.Model, weights, tasks):
+    """``weights`` (one tensor per trainable variable of ``model``) repeated
+    for ``tasks`` tasks, in the layout of :func:`group_params`."""
+    channel = _channel_layers(model)
+    out = []
+    for v, w in zip(model.trainable_variables, weights):
+        if id(v) in channel:  # tasks first along the last axis
+            out.append(tf.tile(w, [1] * (len(w.shape) - 1) + [tasks]))
+        else:
+            out.append(tf.tile(w[None], [tasks] + [1] * len(w.shape)))
+    return out
+
+
+def task_forward(model: keras.Model, params, x, grouped=False):
     """``model(x)`` of every task at once, in training mode (batch
     normalisation with each task's statistics), as
     :func:`~bookcode.meta.forward` of each task: ``params`` are the model's
     trainable tensors each with a leading task axis, ``x`` is [tasks, N, ...].
-    Returns [tasks, N, ...]."""
+    Returns [tasks, N, ...]. ``grouped=True``: ``params`` are in the layout of
+    :func:`group_params` and ``x`` is [N, ..., tasks * C] (:func:`_grouped`)."""
     check_model(model)
     weights = {id(v): p for v, p in zip(model.trainable_variables, params)}
+    prepared = grouped
 
     def weight(variable, dtype):
         return tf.cast(weights[id(variable)], dtype)
 
-    h, grouped, channels = tf.convert_to_tensor(x), False, x.shape[-1]
+    h = tf.convert_to_tensor(x)
+    channels = model.input_shape[-1] if grouped else x.shape[-1]
     for layer in _layers(model):
         dtype = layer.compute_dtype
         if isinstance(layer, _ON_CHANNELS) and not grouped:
@@ -195,8 +277,9 @@ def task_forward(model: keras.Model, params, x):
         if isinstance(layer, keras.layers.Conv2D):
             padding = layer.padding.upper()
             h = grouped_conv2d(
-                h, weight(layer.kernel, dtype), layer.strides, padding, layer.dilation_rate
-            )
+                h, weight(layer.kernel, dtype), layer.strides, padding, layer.dilation_rate,
+                filters=layer.filters if prepared else None,
+            )  # fmt: skip
             if layer.use_bias:
                 h = tf.nn.bias_add(h, _per_channel(weight(layer.bias, dtype)))
             channels = layer.filters
@@ -264,3 +347,54 @@ def task_gradients(learner, support_x, support_y, query_x, query_y, inner_update
         return results, grads
     initial = learner.initial_fast_weights(tiled)
     return results, grads, [tf.stop_gradient(w - f) for w, f in zip(initial, fast)]
+
+
+def reptile_updates(learner, support_x, support_y, query_x, query_y):
+    """:meth:`~bookcode.meta.Reptile.task_update` of every task at once: the
+    inner loop (Adam or SGD on the support minibatches, which all tasks of a
+    meta-batch draw alike) runs once on the meta-weights tiled along a task
+    axis; returns per-task results (dict of (tasks,) tensors: query loss and
+    metric after adaptation, transductive or not as the learner says) and
+    per-task updates ``theta - phi`` (leading task axis). Nothing is
+    differentiated through the loop, so it is Reptile's mapped computation,
+    equal up to float rounding."""
+    model = learner.model
+    meta_weights = [v.value for v in learner.meta_variables]
+    tasks = tf.shape(support_y)[0]
+    # the inner loop runs in the grouped layout (group_params; Adam and SGD are elementwise)
+    tiled = tile_grouped(model, meta_weights, tasks)
+    steps = learner.inner_steps
+    batches = None
+    if learner.inner_batch is not None:
+        batches = learner.minibatch_indices(tf.shape(support_y)[1], steps, learner.minibatch_seed())
+    support = _grouped(tf.cast(support_x, model.compute_dtype))  # examples first
+
+    def support_loss(fast, step):
+        x, y = support, support_y
+        if batches is not None:
+            x, y = tf.gather(support, batches[step]), tf.gather(support_y, batches[step], axis=1)
+        outputs = task_forward(model, fast, x, grouped=True)
+        return tf.reduce_sum(_per_task(partial(task_loss, learner.kind), y, outputs))
+
+    fast, _ = learner.adapt_task(tiled, support_x, support_y, steps, True, inner_loss=support_loss)
+    fast = [tf.stop_gradient(f) for f in fast]
+    updates = ungroup_params(model, [w - f for w, f in zip(tiled, fast)])
+    dtype = meta_weights[0].dtype
+    if learner.transductive:
+        query = _grouped(tf.cast(query_x, model.compute_dtype))
+        outputs = task_forward(model, fast, query, grouped=True)
+        results = _per_task(learner.query_results, query_y, outputs)
+    else:  # each task's queries with its support set's statistics, task by task
+
+        def one_task(task):
+            weights, sx, qx, qy = task
+            outputs = learner._query_outputs(meta_weights, weights, sx, qx)
+            return {k: tf.cast(v, dtype) for k, v in learner.query_results(qy, outputs).items()}
+
+        results = learner._map_tasks(
+            one_task,
+            (ungroup_params(model, fast), support_x, query_x, query_y),
+            learner._results_signature(dtype),
+        )
+    results = {k: tf.stop_gradient(tf.cast(v, dtype)) for k, v in results.items()}
+    return learner._checked_results(results, dtype), updates
