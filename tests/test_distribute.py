@@ -94,6 +94,12 @@ FACTORIES = {
         lambda b: b.meta.MAML(_image_net(WAYS), inner_lr=0.1, combiner=b.meta.gradient_agreement),
         "tasks",
     ),
+    "MAML+agreement_on_meta_gradients": (  # a weighing combiner without inner updates
+        lambda b: b.meta.MAML(
+            _image_net(WAYS), inner_lr=0.1, combiner=b.meta.GradientAgreement("task_updates")
+        ),
+        "tasks",
+    ),
     "ADML": (lambda b: b.meta.ADML(_image_net(WAYS), epsilon=0.05, first_order=True), "tasks"),
     "CAML": (lambda b: b.meta.CAML(_flat_net(SIZE * SIZE + 2, WAYS), context_dim=2), "flat"),
     "MetaSGD": (lambda b: b.meta.MetaSGD(_image_net(WAYS), rate_seed=0), "tasks"),
@@ -152,6 +158,7 @@ FACTORIES = {
 IN_CI = (
     "MAML",
     "MAML+gradient_agreement",
+    "MAML+agreement_on_meta_gradients",
     "TAML",
     "ConceptSpaceLearner",
     "PrototypicalNetwork",

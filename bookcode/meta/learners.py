@@ -389,7 +389,9 @@ class GradientMetaLearner(keras.Model):
                 return results, update, update
             return results, update, self.inner_update(weights, task)
 
-        specs = lambda weights: [tf.TensorSpec(w.shape, w.dtype) for w in weights]  # noqa: E731
+        def specs(weights):
+            return [tf.TensorSpec(w.shape, w.dtype) for w in weights]
+
         signature = (self._results_signature(meta_weights[0].dtype), specs(meta_weights))
         if inner_updates:
             signature += (specs(self.initial_fast_weights(meta_weights)),)
@@ -457,7 +459,9 @@ class GradientMetaLearner(keras.Model):
             share = distribute.replica_share(local_tasks)
             combined = distribute.scale(self.combine_gradients(task_grads), share)
             return combined, task_grads, inner_updates
-        task_grads, inner_updates = distribute.gather_tasks((task_grads, inner_updates))
+        task_grads = distribute.gather_tasks(task_grads)
+        if inner_updates is not None:
+            inner_updates = distribute.gather_tasks(inner_updates)
         combined = self.combine_gradients(task_grads, inner_updates)
         return distribute.scale(combined, 1.0 / replicas), task_grads, inner_updates
 
