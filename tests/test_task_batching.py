@@ -276,6 +276,32 @@ def test_batched_reptile_training_steps_match_the_mapped_ones(combiner):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
 
 
+@pytest.mark.parametrize("transductive", [True, False], ids=["transductive", "non-transductive"])
+def test_batched_reptile_evaluation_gives_evaluates_accuracies(transductive):
+    from bookcode.episodes import Episode
+    from bookcode.evaluation import evaluate
+
+    learner = meta.Reptile(tiny_conv4("fused"), inner_lr=0.05, inner_batch=2,
+                           transductive=transductive, task_batching="batched")  # fmt: skip
+    learner.compile(meta.Reptile.annealed_sgd(1.0, 0.0, 10))
+    episodes = []
+    for seed in range(4):  # 8 episodes, 4 classes of labels, shuffled queries
+        for sx, sy, qx, qy in zip(*conv_tasks(seed, shots=2)[:4]):
+            order = np.random.default_rng(seed).permutation(len(qy))
+            episodes.append(Episode(sx, sy, qx[order] + 0.3 * sx[:1], qy[order], np.arange(WAYS)))
+    episodes = episodes[:8]
+    seen = set()
+    for steps in (0, 3):
+        learner.test_inner_steps = steps
+        expected = evaluate(learner, episodes)
+        for tasks in (8, 3):  # one call, or groups of 3, 3 and 2
+            got = batched.reptile_evaluate(learner, episodes, tasks=tasks)
+            np.testing.assert_allclose(got.accuracies, expected.accuracies, atol=1e-6)
+            assert got.mean == pytest.approx(expected.mean) and got.ci95 == pytest.approx(expected.ci95)
+        seen.add(tuple(expected.accuracies))
+    assert len(seen) == 2  # adaptation changed some predictions
+
+
 def test_save_and_load_keep_the_option(tmp_path):
     learner = meta.MAML(tiny_conv4(), inner_lr=0.4, task_batching="batched")
     learner.compile(keras.optimizers.Adam(1e-3))

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..nets import FusedBatchNormalization, onednn_enabled
-from .objectives import task_loss
+from .objectives import metric_name, task_loss
 from .update_rules import SGD
 
 # layers run on the tasks-in-channels layout, on the tasks-first one, on either
@@ -349,7 +349,7 @@ def task_gradients(learner, support_x, support_y, query_x, query_y, inner_update
     return results, grads, [tf.stop_gradient(w - f) for w, f in zip(initial, fast)]
 
 
-def reptile_updates(learner, support_x, support_y, query_x, query_y):
+def reptile_updates(learner, support_x, support_y, query_x, query_y, *, steps=None, minibatches=True):
     """:meth:`~bookcode.meta.Reptile.task_update` of every task at once: the
     inner loop (Adam or SGD on the support minibatches, which all tasks of a
     meta-batch draw alike) runs once on the meta-weights tiled along a task
@@ -357,15 +357,17 @@ def reptile_updates(learner, support_x, support_y, query_x, query_y):
     metric after adaptation, transductive or not as the learner says) and
     per-task updates ``theta - phi`` (leading task axis). Nothing is
     differentiated through the loop, so it is Reptile's mapped computation,
-    equal up to float rounding."""
+    equal up to float rounding. ``steps`` (default the learner's
+    ``inner_steps``) and ``minibatches=False`` (every step on the whole
+    support set) give the test-time adaptation (:func:`reptile_evaluate`)."""
     model = learner.model
     meta_weights = [v.value for v in learner.meta_variables]
     tasks = tf.shape(support_y)[0]
     # the inner loop runs in the grouped layout (group_params; Adam and SGD are elementwise)
     tiled = tile_grouped(model, meta_weights, tasks)
-    steps = learner.inner_steps
+    steps = learner.inner_steps if steps is None else steps
     batches = None
-    if learner.inner_batch is not None:
+    if minibatches and learner.inner_batch is not None:
         batches = learner.minibatch_indices(tf.shape(support_y)[1], steps, learner.minibatch_seed())
     support = _grouped(tf.cast(support_x, model.compute_dtype))  # examples first
 
@@ -398,3 +400,34 @@ def reptile_updates(learner, support_x, support_y, query_x, query_y):
         )
     results = {k: tf.stop_gradient(tf.cast(v, dtype)) for k, v in results.items()}
     return learner._checked_results(results, dtype), updates
+
+
+def reptile_evaluate(learner, episodes, tasks: int = 50):
+    """:func:`bookcode.evaluation.evaluate` of a Reptile learner, ``tasks``
+    episodes at a time as one computation: each adapts with the learner's
+    ``test_inner_steps`` on its whole support set (as ``predict_episode``)
+    and its queries are classified transductively or not as the learner
+    says. Episodes of one call must share their shapes. The accuracies are
+    those of ``evaluate`` up to float rounding."""
+    from bookcode.evaluation import EvaluationResult, confidence_interval
+
+    metric = metric_name(learner.kind)
+    episodes = list(episodes)
+    if not episodes:
+        raise ValueError("no episodes to evaluate")
+
+    @tf.function
+    def accuracies(support_x, support_y, query_x, query_y):
+        results, _ = reptile_updates(
+            learner, support_x, support_y, query_x, query_y,
+            steps=learner.test_inner_steps, minibatches=False,
+        )  # fmt: skip
+        return results[metric]
+
+    out = []
+    for start in range(0, len(episodes), tasks):
+        group = episodes[start : start + tasks]
+        arrays = [np.stack(a) for a in zip(*[(*e.inputs(), e.query_y) for e in group])]
+        out.append(accuracies(*arrays).numpy())
+    values = np.concatenate(out).astype(np.float64)
+    return EvaluationResult(float(values.mean()), confidence_interval(values), values)
