@@ -205,37 +205,37 @@ def _channel_layers(model):
     return found
 
 
+def _per_layout(model, params, kernel, vector):
+    """``params`` (one tensor per trainable variable of ``model``) with
+    ``kernel(variable, tensor)`` applied to convolution kernels and
+    ``vector(variable, tensor)`` to the other per-channel tensors (those of
+    :func:`_channel_layers`); dense weights as they are."""
+    channel = _channel_layers(model)
+    return [
+        p if id(v) not in channel else kernel(v, p) if len(v.shape) == 4 else vector(v, p)
+        for v, p in zip(model.trainable_variables, params)
+    ]
+
+
 def group_params(model: keras.Model, params):
     """The model's trainable tensors with a leading task axis, in the layout
     :func:`task_forward` uses inside (``grouped=True``): convolution kernels
     [kh, kw, C, tasks * F], per-channel vectors [tasks * C], dense weights as
     they are. An elementwise update rule (SGD, Adam) gives the same numbers in
     either layout; this one saves a transpose per kernel per step."""
-    channel = _channel_layers(model)
-    out = []
-    for v, p in zip(model.trainable_variables, params):
-        if id(v) not in channel:
-            out.append(p)
-        elif len(v.shape) == 4:
-            out.append(_grouped_kernel(p))
-        else:
-            out.append(tf.reshape(p, [-1]))
-    return out
+    return _per_layout(
+        model, params, lambda v, p: _grouped_kernel(p), lambda v, p: tf.reshape(p, [-1])
+    )
 
 
 def ungroup_params(model: keras.Model, params):
     """The inverse of :func:`group_params`: tensors with a leading task axis."""
-    channel = _channel_layers(model)
-    out = []
-    for v, p in zip(model.trainable_variables, params):
-        if id(v) not in channel:
-            out.append(p)
-        elif len(v.shape) == 4:
-            kh, kw, c, f = v.shape
-            out.append(tf.transpose(tf.reshape(p, [kh, kw, c, -1, f]), [3, 0, 1, 2, 4]))
-        else:
-            out.append(tf.reshape(p, [-1, *v.shape]))
-    return out
+
+    def kernel(v, p):
+        kh, kw, c, f = v.shape
+        return tf.transpose(tf.reshape(p, [kh, kw, c, -1, f]), [3, 0, 1, 2, 4])
+
+    return _per_layout(model, params, kernel, lambda v, p: tf.reshape(p, [-1, *v.shape]))
 
 
 def tile_grouped(model: keras.Model, weights, tasks):
