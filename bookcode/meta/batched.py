@@ -224,7 +224,7 @@ def group_params(model: keras.Model, params):
     they are. An elementwise update rule (SGD, Adam) gives the same numbers in
     either layout; this one saves a transpose per kernel per step."""
     return _per_layout(
-        model, params, lambda v, p: _grouped_kernel(p), lambda v, p: tf.reshape(p, [-1])
+        model, params, lambda v, p: _grouped_kernel(p), lambda v, p: _per_channel(p)
     )
 
 
