@@ -136,6 +136,7 @@ FULL_ONLY = {
         "train_queries": "test_maml_omniglot_full_configuration",
         "reptile_meta_batch": BATCH,  # the paper's 5 tasks per meta-step (quick: 10)
         "reptile_iterations": COUNT,
+        "reptile_inner_optimizer": "test_reptile_omniglot_full_configuration",
         "reptile_inner_lr": COUNT,
         "reptile_test_lr": COUNT,
         "test_episodes": COUNT,
@@ -289,6 +290,49 @@ def test_maml_omniglot_full_configuration():
     history = learner.fit(data, steps_per_epoch=2, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     (sx, sy, qx), _ = _episodes(1, p["ways"], p["shots"], 15, seed=1)
+    logits = learner.predict_episode(sx[0], sy[0], qx[0])
+    assert logits.shape == (p["ways"] * 15, p["ways"]) and np.isfinite(logits).all()
+
+
+def test_reptile_omniglot_full_configuration():
+    """Chapter 7, Reptile on Omniglot in the full profile: the strided Conv-4
+    with 64 filters and fused batch norm, the paper's inner Adam
+    (beta_1 = 0) on minibatches of 10-shot tasks, batched; two meta-steps on
+    a meta-batch of 2 random tasks (5 in the full profile)."""
+    import keras
+    import tensorflow as tf
+
+    from bookcode import meta
+    from bookcode.nets import FusedBatchNormalization
+
+    p = _full("07_meta_sgd_and_reptile")
+    assert p["reptile_inner_optimizer"] == "adam"
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((28, 28, 1))]
+    for _ in range(4):
+        layers += [
+            keras.layers.Conv2D(p["filters"], 3, strides=2, padding="same"),
+            FusedBatchNormalization(),
+            keras.layers.ReLU(),
+        ]
+    model = keras.Sequential(layers + [keras.layers.Flatten(), keras.layers.Dense(p["ways"])])
+    learner = meta.Reptile(
+        model,
+        inner_lr=p["reptile_inner_lr"],
+        inner_optimizer=p["reptile_inner_optimizer"],
+        inner_steps=p["reptile_inner_steps"],
+        inner_batch=p["reptile_inner_batch"],
+        task_batching="batched",
+    )
+    learner.compile(meta.Reptile.annealed_sgd(1.0, 0.0, p["reptile_iterations"]))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    data = tf.data.Dataset.from_tensors(
+        _episodes(2, p["ways"], p["reptile_train_shots"], 1)
+    ).repeat()
+    history = learner.fit(data, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert any(not np.allclose(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+    (sx, sy, qx), _ = _episodes(1, p["ways"], 1, 15, seed=1)
     logits = learner.predict_episode(sx[0], sy[0], qx[0])
     assert logits.shape == (p["ways"] * 15, p["ways"]) and np.isfinite(logits).all()
 
