@@ -3,9 +3,11 @@ workload: Conv-4 (64 filters, batch norm, max-pool), random 28x28 inputs,
 5-way 10-shot tasks, meta-batch 5, 5 inner Adam steps (beta_1 = 0, fresh
 state per task) on minibatches of 10, theta <- theta + eps (mean(phi) - theta).
 
-PyTorch is not a project dependency: run it from a separate environment,
+PyTorch is not a project dependency: run it from a separate environment
+with a CPU build of torch (a CUDA build run on a CPU measured about 100x
+slower per step; on this project's machines ``torch==2.13.0`` is a CPU build),
 
-    python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch
+    python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch==2.13.0
     /work/torchvenv/bin/python benchmarks/reptile_torch.py [--iterations 6]
 
 and compare its tasks per second with ``benchmarks/maml.py --workloads
